@@ -1,0 +1,313 @@
+"""Configs are data: dataclasses with presets, YAML round-trip and validation.
+
+Presets:
+  * ``wan-1.3b``: the published AvatarForcing shape (Wan2.1-T2V-1.3B + OmniAvatar audio),
+    832x480, B=4 L=4 N=1 (REFERENCE.md sections 1-4).
+  * ``mini``: the CPU model this project trains and ships (128x128, see README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    latent_channels: int = 16  # out channels; in = 2 * latent + 1 with reference conditioning
+    reference_conditioning: bool = True  # 33-channel input: noisy + reference latent + mask
+    text_dim: int = 4096  # 0: no cross-attention
+    text_len: int = 512
+    freq_dim: int = 256
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    audio_dim: int = 10752  # per video frame features; 0: no audio
+    audio_pack: int = 4  # video frames per latent frame packed into one audio token
+    audio_token_dim: int = 32
+    audio_blocks: tuple[int, int] = (2, 15)  # inclusive range of blocks receiving audio
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.latent_channels + 1 if self.reference_conditioning else self.latent_channels
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Channels per axis (time, height, width), as in Wan: 44/42/42 for head_dim 128."""
+        d = self.head_dim
+        hw = 2 * (d // 6)
+        return d - 2 * hw, hw, hw
+
+    def audio_block_ids(self) -> list[int]:
+        if self.audio_dim == 0:
+            return []
+        lo, hi = self.audio_blocks
+        return list(range(lo, hi + 1))
+
+
+@dataclass
+class CodecConfig:
+    vae: str = "wan"  # "wan" | "mini"
+    height: int = 480
+    width: int = 832
+    spatial_stride: int = 8
+    temporal_stride: int = 4  # latent 0 = 1 frame, then 4 frames per latent frame
+    vae_base_dim: int = 96  # mini VAE width; for "wan" the diffusers config decides
+    audio: str = "wav2vec2"  # "wav2vec2" | "mel"
+    sample_rate: int = 16000
+    fps: int = 25
+    audio_lookahead_frames: int = 0  # right context a streaming audio front end waits for
+    audio_left_context_frames: int = 50  # bounded left context (wav2vec2 streaming)
+    n_mels: int = 32  # mel front end: bands per 10 ms hop
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.sample_rate // self.fps
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // self.spatial_stride, self.width // self.spatial_stride
+
+
+@dataclass
+class StreamConfig:
+    block_frames: int = 4  # B: latent frames per block
+    window_blocks: int = 4  # L: blocks in the local-future window
+    passes: int = 1  # N: forward passes per step
+    denoising_steps: tuple[int, ...] = (1000, 800, 400, 200)  # newest -> oldest, warped by shift
+    num_train_timesteps: int = 1000
+    shift: float = 5.0
+    temporal_anchor_frames: int = 2
+    style_anchor: bool = True
+    rope_reindex: bool = True
+    audio_zero_pad: bool = True
+    clean_cache_pass: bool = True
+    teacher_steps: int = 50
+    guidance: float = 4.5
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1.5e-6
+    critic_lr: float = 4e-7
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    grad_accum: int = 1
+    grad_clip: float = 10.0
+    clip_latent_frames: int = 21  # 1 reference + 20
+    ema_decay: float = 0.99
+    ema_start: int = 200
+    critic_updates: int = 5
+    steps: int = 1000
+    log_every: int = 10
+    save_every: int = 100
+    sample_every: int = 0
+    audio_dropout: float = 0.1
+    text_dropout: float = 0.1
+    min_score_t: int = 20
+    max_score_t: int = 980
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "wan-1.3b"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        _validate(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        base = preset(data["preset"]) if "preset" in data else cls()
+        return _merge(base, {k: v for k, v in data.items() if k != "preset"}, source).validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        return cls.from_dict(data or {}, source=str(p))
+
+    def override(self, dotted: dict[str, Any]) -> Config:
+        """Apply ``{"stream.window_blocks": 2, ...}`` overrides and re-validate."""
+        nested: dict[str, Any] = {}
+        for key, value in dotted.items():
+            *head, last = key.split(".")
+            d = nested
+            for h in head:
+                d = d.setdefault(h, {})
+            d[last] = value
+        return _merge(self, nested, "override").validate()
+
+
+def mini() -> Config:
+    """The CPU model: 128x128, 16x16x8 latents (mini VAE), 64 tokens per latent frame.
+
+    dim 256 x 8 layers (~9M params) measured at ~47 ms for 4 latent frames on 2 cores (DESIGN.md s6);
+    B=1 latent frame (4 video frames = 160 ms) per step keeps each step inside the real-time budget.
+    """
+    return Config(
+        name="mini",
+        model=ModelConfig(
+            dim=256, ffn_dim=768, num_heads=4, num_layers=8, latent_channels=8,
+            text_dim=0, text_len=0, freq_dim=128, audio_dim=128, audio_token_dim=32,
+            audio_blocks=(1, 6),
+        ),
+        codec=CodecConfig(vae="mini", height=128, width=128, vae_base_dim=32, audio="mel",
+                          audio_lookahead_frames=2, n_mels=32),
+        stream=StreamConfig(block_frames=1, window_blocks=4, temporal_anchor_frames=1, teacher_steps=20,
+                            guidance=2.0),
+        train=TrainConfig(lr=2e-4, critic_lr=1e-4, betas=(0.0, 0.999), batch_size=4, clip_latent_frames=9,
+                          ema_decay=0.99, ema_start=50, grad_clip=1.0, steps=2000),
+    )
+
+
+def wan_1_3b() -> Config:
+    return Config(name="wan-1.3b")
+
+
+PRESETS = {"mini": mini, "wan-1.3b": wan_1_3b}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]().validate()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    known = {f.name: f for f in fields(obj)}
+    updates = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{source}: unknown field '{path}'; expected one of {sorted(known)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: field '{path}' must be a mapping, got {value!r}")
+            updates[key] = _merge(current, value, source, path + ".")
+        else:
+            updates[key] = _coerce(current, value, f"{source}: field '{path}'")
+    return dataclasses.replace(obj, **updates)
+
+
+def _coerce(current: Any, value: Any, where: str) -> Any:
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        if current and len(value) != len(current) and not _variable_tuple(where):
+            raise ConfigError(f"{where} must have {len(current)} items, got {len(value)}")
+        proto = current[0] if current else value[0] if value else 0
+        return tuple(_coerce(proto, v, where) for v in value)
+    return value
+
+
+def _variable_tuple(where: str) -> bool:
+    return "denoising_steps" in where
+
+
+def _check(cond: bool, field_name: str, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{field_name}' {why}")
+
+
+def _validate(c: Config) -> None:
+    m, k, s, t = c.model, c.codec, c.stream, c.train
+    _check(m.dim > 0 and m.num_heads > 0, "model.dim", "and model.num_heads must be positive")
+    _check(m.dim % m.num_heads == 0, "model.dim", f"({m.dim}) must be divisible by model.num_heads ({m.num_heads})")
+    _check(m.head_dim % 2 == 0 and m.head_dim >= 6, "model.num_heads", "must leave an even head_dim >= 6 for 3-D RoPE")
+    _check(m.num_layers >= 1, "model.num_layers", "must be >= 1")
+    _check(m.latent_channels >= 1, "model.latent_channels", "must be >= 1")
+    _check(all(p >= 1 for p in m.patch_size), "model.patch_size", "entries must be >= 1")
+    if m.audio_dim:
+        lo, hi = m.audio_blocks
+        _check(0 <= lo <= hi < m.num_layers, "model.audio_blocks",
+               f"must be an inclusive range inside [0, {m.num_layers - 1}], got {list(m.audio_blocks)}")
+        _check(m.audio_pack >= 1, "model.audio_pack", "must be >= 1")
+    _check(k.vae in ("wan", "mini"), "codec.vae", f"must be 'wan' or 'mini', got {k.vae!r}")
+    _check(k.audio in ("wav2vec2", "mel"), "codec.audio", f"must be 'wav2vec2' or 'mel', got {k.audio!r}")
+    unit = k.spatial_stride * max(m.patch_size[1], m.patch_size[2])
+    _check(k.height > 0 and k.height % unit == 0, "codec.height", f"must be a positive multiple of {unit}")
+    _check(k.width > 0 and k.width % unit == 0, "codec.width", f"must be a positive multiple of {unit}")
+    _check(k.sample_rate % k.fps == 0, "codec.sample_rate", f"must be a multiple of codec.fps ({k.fps})")
+    _check(k.temporal_stride == m.audio_pack or not m.audio_dim, "model.audio_pack",
+           f"must equal codec.temporal_stride ({k.temporal_stride})")
+    _check(k.audio_lookahead_frames >= 0, "codec.audio_lookahead_frames", "must be >= 0")
+    _check(s.block_frames >= 1, "stream.block_frames", "must be >= 1")
+    _check(s.window_blocks >= 1, "stream.window_blocks", "must be >= 1")
+    _check(s.passes >= 1, "stream.passes", "must be >= 1")
+    _check(len(s.denoising_steps) == s.window_blocks, "stream.denoising_steps",
+           f"must list one step per window block ({s.window_blocks}), got {list(s.denoising_steps)}")
+    steps = list(s.denoising_steps)
+    _check(all(0 < a <= s.num_train_timesteps for a in steps), "stream.denoising_steps",
+           f"entries must be in (0, {s.num_train_timesteps}]")
+    _check(all(a > b for a, b in zip(steps, steps[1:])), "stream.denoising_steps",
+           f"must be strictly decreasing (newest block noisiest), got {steps}")
+    _check(s.shift > 0, "stream.shift", "must be positive")
+    _check(0 <= s.temporal_anchor_frames <= s.block_frames, "stream.temporal_anchor_frames",
+           f"must be in [0, stream.block_frames={s.block_frames}]")
+    _check(s.teacher_steps >= 1, "stream.teacher_steps", "must be >= 1")
+    _check(t.lr > 0, "train.lr", "must be positive")
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+    _check(t.clip_latent_frames >= 2, "train.clip_latent_frames", "must be >= 2 (reference + 1)")

@@ -1,0 +1,81 @@
+"""Image input: load a portrait (jpg/png/webp, EXIF orientation) and fit it to the model."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import InputError
+
+ImageSource = str | Path | bytes | BinaryIO | Image.Image | np.ndarray
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Return an RGB PIL image with EXIF orientation applied."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
+            raise InputError(f"image array must be uint8 [H, W, 3], got {source.dtype} {source.shape}")
+        return Image.fromarray(source)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"{path}: image file not found")
+        name, data = str(path), path.read_bytes()
+    elif isinstance(source, (bytes, bytearray)):
+        name, data = "<image bytes>", bytes(source)
+    elif hasattr(source, "read"):
+        name, data = getattr(source, "name", "<image stream>"), source.read()
+    else:
+        raise InputError(f"expected an image path, bytes or array, got {type(source).__name__}")
+    if not data:
+        raise InputError(f"{name}: the image file is empty")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{name}: not a readable image (expected jpg, png or webp): {e}") from None
+    return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def fit_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
+    """REFERENCE.md s3: keep aspect, scale down so area <= max_area, floor sides to ``multiple``."""
+    scale = min(1.0, (max_area / (width * height)) ** 0.5)
+    w = int(width * scale) // multiple * multiple
+    h = int(height * scale) // multiple * multiple
+    return w, h
+
+
+def prepare_image(
+    img: Image.Image, height: int, width: int, mode: str = "fit", min_side: int = 64, name: str = "image"
+) -> np.ndarray:
+    """Resize/crop for the model; returns float32 [3, H, W] in [-1, 1].
+
+    mode "fit": the reference rules with the area cap height*width (output size follows the image aspect);
+    mode "square": centre-square crop, resized to exactly height x width (the ``mini`` preset).
+    """
+    if min(img.size) < min_side:
+        raise InputError(f"{name}: image is {img.size[0]}x{img.size[1]}, smaller than the {min_side}px "
+                         f"the model needs on its shorter side")
+    if mode == "square":
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((width, height), Image.Resampling.LANCZOS)
+    elif mode == "fit":
+        w, h = fit_size(img.width, img.height, height * width)
+        img = img.resize((w, h), Image.Resampling.LANCZOS)
+    else:
+        raise InputError(f"unknown image mode {mode!r}; expected 'fit' or 'square'")
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """[-1, 1] float [..., 3, H, W] -> uint8 [..., H, W, 3]."""
+    arr = np.clip((frames + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return np.moveaxis(arr, -3, -1)
