@@ -124,6 +124,11 @@ def _decode_av(data: bytes) -> tuple[np.ndarray, int]:
                 arr = arr.astype(np.float32) / np.iinfo(arr.dtype).max
             chunks.append(arr.astype(np.float32))
             rate = frame.sample_rate
+        # the container's duration excludes the encoder's padding of the last frame
+        duration = float(stream.duration * stream.time_base) if stream.duration else None
     if not chunks:
         return np.zeros((0,), np.float32), rate
-    return np.concatenate(chunks, axis=0), int(rate)
+    samples = np.concatenate(chunks, axis=0)
+    if duration is not None:
+        samples = samples[: max(1, int(round(duration * rate)))]
+    return samples, int(rate)

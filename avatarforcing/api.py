@@ -1,0 +1,253 @@
+"""The Python API.
+
+    avatar = Avatar.load("path/to/model")           # or Avatar.random("mini") for tests / benchmarks
+    session = avatar.session("portrait.jpg", seed=0)
+    for frames in session.push(pcm_chunk):          # float32 mono 16 kHz, any chunk size
+        ...                                         # uint8 [n, H, W, 3], as soon as the look-ahead allows
+    for frames in session.close(): ...              # drain
+    video = avatar.generate("portrait.jpg", "speech.wav")   # offline: all frames
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoints import load_into, load_model, read_state_dict
+from .codecs.audio import MelFrontEnd, check_pcm, make_front_end
+from .codecs.vae import MiniVAE
+from .config import Config, preset
+from .data.audio import load_audio
+from .data.image import load_image, prepare_image, to_uint8
+from .errors import InputError
+from .model import AvatarDiT
+from .stream.teacher import TeacherSampler
+from .stream.window import Options, WindowSampler
+
+MODES = ("avatarforcing", "ar", "teacher")
+PACKAGE_MODELS = Path(__file__).parent / "assets" / "models"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Avatar:
+    def __init__(self, model: AvatarDiT, vae, cfg: Config, device: str | torch.device = "cpu",
+                 audio_model: str | Path | None = None):
+        self.model, self.vae, self.cfg = model.eval(), vae.eval(), cfg
+        self.device = torch.device(device)
+        self.front_end = make_front_end(cfg.codec, audio_model)
+        self.dtype = next(model.parameters()).dtype
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, device: str = "cpu", audio_model: str | Path | None = None) -> Avatar:
+        """A model folder (config.yaml, model.safetensors, vae.safetensors) or a shipped model's name."""
+        path = Path(name_or_path)
+        if not path.exists() and (PACKAGE_MODELS / str(name_or_path)).exists():
+            path = PACKAGE_MODELS / str(name_or_path)
+        if not path.exists():
+            shipped = sorted(p.name for p in PACKAGE_MODELS.glob("*")) if PACKAGE_MODELS.exists() else []
+            raise InputError(f"{name_or_path}: no such model folder, and no shipped model of that name "
+                             f"(shipped: {shipped or 'none yet: the trained mini model is not in this build'})")
+        model, cfg = load_model(path, device)
+        if cfg.codec.vae != "mini":
+            raise InputError(f"{path}: codec.vae={cfg.codec.vae!r}; the Wan VAE engine path is not built yet")
+        vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim)
+        load_into(vae, {k: v.float() for k, v in read_state_dict(path / "vae.safetensors").items()},
+                  str(path / "vae.safetensors"))
+        return cls(model, vae.to(device), cfg, device, audio_model)
+
+    @classmethod
+    def random(cls, cfg: Config | str = "mini", seed: int = 0, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> Avatar:
+        """Random weights: for tests and speed benchmarks only (the output is noise, not a face)."""
+        cfg = preset(cfg) if isinstance(cfg, str) else cfg
+        torch.manual_seed(seed)
+        model = AvatarDiT(cfg.model).to(device, dtype)
+        vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device, dtype)
+        return cls(model, vae, cfg, device)
+
+    # ------------------------------------------------------------------ use
+
+    def prepare_reference(self, image) -> Tensor:
+        c = self.cfg.codec
+        mode = "square" if c.vae == "mini" else "fit"
+        arr = prepare_image(load_image(image), c.height, c.width, mode=mode,
+                            min_side=min(c.height, c.width) // 2, name=str(image)[:200])
+        return torch.from_numpy(arr)[None].to(self.device, self.dtype)
+
+    def session(self, image, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None) -> Session:
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
+        return Session(self, self.prepare_reference(image), seed, mode, options or Options())
+
+    def stream(self, image, audio, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None,
+               chunk: int = 16000) -> Iterator[np.ndarray]:
+        """Frames for a whole audio file or array, yielded block by block."""
+        pcm = load_audio(audio, self.cfg.codec.sample_rate) if not isinstance(audio, np.ndarray) else audio
+        s = self.session(image, seed, mode, options)
+        for i in range(0, len(pcm), chunk):
+            yield from s.push(pcm[i:i + chunk])
+        yield from s.close()
+
+    def generate(self, image, audio, seed: int = 0, mode: str = "avatarforcing",
+                 options: Options | None = None) -> np.ndarray:
+        frames = list(self.stream(image, audio, seed, mode, options))
+        return np.concatenate(frames) if frames else np.zeros((0,), np.uint8)
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    dit_ms: list[float] = field(default_factory=list)
+    vae_ms: list[float] = field(default_factory=list)
+    first_frame_ms: float | None = None  # from the first audio pushed to the first frame out (compute)
+
+
+class Session:
+    """One stream: audio chunks in, frames out. Not thread-safe; one per client."""
+
+    def __init__(self, avatar: Avatar, reference: Tensor, seed: int, mode: str, options: Options):
+        self.avatar, self.cfg = avatar, avatar.cfg
+        self.fe = avatar.front_end
+        self.spf = self.cfg.codec.samples_per_frame
+        self.pack = self.cfg.model.audio_pack
+        self.B = self.cfg.stream.block_frames
+        self.frames_per_block = self.B * self.cfg.codec.temporal_stride
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            ref_latent = avatar.vae.encode_image(reference)  # [1, C, 1, h, w]
+            self.decoder = avatar.vae.stream_decoder()
+            self.decoder.decode(ref_latent)  # primes the causal decoder with latent frame 0 (not output)
+        if mode == "teacher":
+            self.sampler = TeacherSampler(avatar.model, self.cfg, ref_latent, gen)
+        elif mode == "ar":
+            self.sampler = WindowSampler(avatar.model, self.cfg, ref_latent, gen, options, window_blocks=1,
+                                         denoising_steps=(self.cfg.stream.num_train_timesteps,))
+        else:
+            self.sampler = WindowSampler(avatar.model, self.cfg, ref_latent, gen, options)
+        self.pcm = torch.zeros(0)
+        self.offset = 0  # absolute index of self.pcm[0]
+        self.received = 0  # samples pushed so far
+        self.blocks_in = 0
+        self.frames_out = 0
+        self.closed = False
+        self.stats = Stats()
+        self._t_first_audio: float | None = None
+        self._compute_s = 0.0
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def lookahead_ms(self) -> float:
+        """Algorithmic latency: audio a frame waits for (the window's future blocks + the front end's)."""
+        window = self.sampler.L if isinstance(self.sampler, WindowSampler) else self.sampler.chunk_blocks
+        frames = window * self.frames_per_block
+        return 1000.0 * (frames * self.spf + self.fe.lookahead_samples) / self.cfg.codec.sample_rate
+
+    def latency_budget(self) -> dict:
+        steps = self.stats.dit_ms[-100:]
+        vae = self.stats.vae_ms[-100:]
+        compute = float(np.median(steps) + (np.median(vae) if vae else 0)) if steps else None
+        return {"lookahead_ms": self.lookahead_ms, "compute_ms_per_step": compute,
+                "total_ms": self.lookahead_ms + (compute or 0.0)}
+
+    def push(self, pcm) -> list[np.ndarray]:
+        if self.closed:
+            raise InputError("session is closed")
+        x = check_pcm(pcm, "audio chunk")
+        if self._t_first_audio is None and len(x):
+            self._t_first_audio = time.perf_counter()
+            self._compute_s = 0.0
+        self.pcm = torch.cat([self.pcm, x])
+        self.received += len(x)
+        return self._run(final=False)
+
+    def close(self) -> list[np.ndarray]:
+        """Finish the stream: pad the last block with silence, drain the window, trim to the audio length."""
+        if self.closed:
+            return []
+        out = self._run(final=True)
+        t0 = time.perf_counter()
+        latents = self.sampler.drain()
+        self._account(t0)
+        out += self._decode(latents)
+        self.closed = True
+        total = -(-self.received // self.spf)  # video frames covering the audio
+        return self._trim(out, total)
+
+    # ------------------------------------------------------------------ internals
+
+    def _trim(self, out: list[np.ndarray], total: int) -> list[np.ndarray]:
+        excess = self.frames_out - total
+        while excess > 0 and out:
+            drop = min(excess, len(out[-1]))
+            out[-1] = out[-1][: len(out[-1]) - drop]
+            excess -= drop
+            self.frames_out -= drop
+            if not len(out[-1]):
+                out.pop()
+        return out
+
+    def _run(self, final: bool) -> list[np.ndarray]:
+        out = []
+        fpb = self.frames_per_block
+        ready = self.fe.frames_ready(self.received)
+        total_frames = -(-self.received // self.spf)
+        while True:
+            a, b = self.blocks_in * fpb, (self.blocks_in + 1) * fpb
+            if not (b <= ready or (final and a < total_frames)):
+                break
+            t0 = time.perf_counter()
+            rows = self.fe.features(self.pcm, a, b, offset=self.offset)  # [fpb, D]
+            audio = rows.view(1, self.B, self.pack, -1).to(self.avatar.device, self.avatar.dtype)
+            latents = self.sampler.push(audio)
+            self._account(t0)
+            self.blocks_in += 1
+            out += self._decode(latents)
+            self._trim_pcm()
+        return out
+
+    def _account(self, t0: float) -> None:
+        _sync(self.avatar.device)
+        dt = time.perf_counter() - t0
+        self.stats.dit_ms.append(1000 * dt)
+        self.stats.steps += 1
+        self._compute_s += dt
+
+    def _decode(self, latents: list[Tensor]) -> list[np.ndarray]:
+        out = []
+        for z in latents:
+            t0 = time.perf_counter()
+            frames = self.decoder.decode(z)  # [1, 3, T, H, W]
+            arr = to_uint8(frames[0].transpose(0, 1).float().cpu().numpy())
+            _sync(self.avatar.device)
+            dt = time.perf_counter() - t0
+            self.stats.vae_ms.append(1000 * dt)
+            self._compute_s += dt
+            if self.stats.first_frame_ms is None:
+                self.stats.first_frame_ms = 1000 * self._compute_s
+            out.append(arr)
+            self.frames_out += len(arr)
+        return out
+
+    def _trim_pcm(self) -> None:
+        """Keep only the samples future blocks can still need (bounded memory for endless streams)."""
+        keep_from = self.blocks_in * self.frames_per_block * self.spf - self.fe.left_context_samples
+        drop = keep_from - self.offset
+        if drop > 0:
+            self.pcm = self.pcm[drop:]
+            self.offset += drop
+
+
+__all__ = ["Avatar", "Session", "Options", "MODES", "MelFrontEnd"]

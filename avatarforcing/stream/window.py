@@ -1,0 +1,197 @@
+"""The AvatarForcing window state machine: latent blocks and audio rows in, clean latent blocks out.
+
+A window holds up to L blocks of B latent frames, oldest first, at noise levels s_1 < ... < s_L
+(``schedule.window_sigmas``). Each ``push`` adds a pure-noise block and runs one step:
+
+  1. N passes of the DiT over the window (per-frame timesteps), each predicting x0 for every block;
+     between passes every block is re-noised to the next sub-level (N=1: a single pass);
+  2. the oldest block, if it sits at s_1, is final: it is emitted, then written to the KV buffer by a
+     clean pass at t=0 (its last frames become the temporal anchor);
+  3. every other block's x0 is re-noised with fresh noise to the level one position older.
+
+The window's queries attend to the style anchor (the reference latent, keys cached once without RoPE and
+roped every step at ``window_start - n_temporal - 1``), the temporal anchor and the window itself.
+Positions are rebased every step (anchor at 0), so cost and memory are constant and a stream never
+reaches a position ceiling. ``Options`` switches the paper's ablations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import Config
+from ..model import AvatarDiT
+from .kv import KVBuffer
+from .schedule import add_noise, window_sigmas
+
+
+@dataclass
+class Options:
+    style_anchor: bool = True
+    rope_reindex: bool = True
+    audio_zero_pad: bool = True
+    temporal_anchor: bool = True
+
+
+@dataclass
+class Block:
+    index: int  # block number in the stream (0, 1, ...)
+    x: Tensor  # [1, C, B, h, w] current noisy latent
+    audio: Tensor | None  # [1, B, pack, dim]
+    age: int = 0  # steps taken so far
+
+
+@dataclass
+class Trace:
+    """What the sampler did, for tests and benchmarks."""
+
+    passes: list[tuple[int, float]] = field(default_factory=list)  # (block index, sigma) per block per pass
+    emitted: list[int] = field(default_factory=list)
+    model_calls: int = 0
+    prefix_offsets: list[int] = field(default_factory=list)  # window_start - anchor position per step
+
+
+class WindowSampler:
+    def __init__(self, model: AvatarDiT, cfg: Config, reference: Tensor, generator: torch.Generator,
+                 options: Options | None = None, window_blocks: int | None = None,
+                 denoising_steps: tuple[int, ...] | None = None):
+        s = cfg.stream
+        self.model, self.cfg, self.opt = model, cfg, options or Options()
+        self.reference = reference  # [1, C, 1, h, w]
+        self.gen = generator
+        self.B = s.block_frames
+        self.L = window_blocks or s.window_blocks
+        steps = denoising_steps or s.denoising_steps
+        self.sigmas = window_sigmas(tuple(steps), s.shift, s.num_train_timesteps)  # oldest first
+        self.T = s.num_train_timesteps
+        self.passes = s.passes
+        self.n_temporal = s.temporal_anchor_frames
+        _, c, _, h, w = reference.shape
+        p = model.cfg.patch_size
+        self.tpf = (h // p[1]) * (w // p[2])
+        mc = model.cfg
+        self.kv = KVBuffer(mc.num_layers, 1, self.tpf, mc.num_heads, mc.head_dim, self.n_temporal,
+                           reference.device, reference.dtype)
+        self.window: list[Block] = []
+        self.next_index = 0
+        self.anchor_ready = False
+        self.trace = Trace()
+
+    # ----------------------------------------------------------------- public
+
+    @torch.no_grad()
+    def push(self, audio: Tensor | None) -> list[Tensor]:
+        """Add one pure-noise block (with its audio rows [1, B, pack, dim]) and step; returns emitted blocks."""
+        if not self.anchor_ready:
+            self._write_anchor(audio)
+        noise = self._noise(self.reference.shape[:2] + (self.B,) + self.reference.shape[3:])
+        self.window.append(Block(self.next_index, noise, audio))
+        self.next_index += 1
+        return self._step()
+
+    @torch.no_grad()
+    def drain(self) -> list[Tensor]:
+        out = []
+        while self.window:
+            out += self._step()
+        return out
+
+    # ----------------------------------------------------------------- internals
+
+    def _noise(self, shape) -> Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.reference.device, self.reference.dtype)
+
+    def _level(self, block: Block) -> int:
+        """Position index of a block (0 = oldest level s_1)."""
+        return self.L - 1 - block.age
+
+    def window_start(self) -> int:
+        """Position of the window's first frame; the style anchor is always roped at position 0.
+
+        Re-indexed (the method): start = n_temporal + 1, i.e. the anchor sits at start - n_temporal - 1
+        every step, however long the stream. Without re-indexing (ablation): absolute positions, so the
+        window drifts away from the anchor as the stream goes on.
+        """
+        if self.opt.rope_reindex:
+            return self.n_temporal + 1
+        return 1 + self.window[0].index * self.B
+
+    def _prefix(self, start: int, h: int, w: int):
+        use_a, use_t = self.opt.style_anchor, self.opt.temporal_anchor
+        frames = []
+        if use_a:
+            frames.append(0)
+        if use_t and self.kv.temporal_frames:
+            frames += list(range(start - self.n_temporal, start))
+        if not frames:
+            return None
+        cos, sin = self.model.rope(torch.tensor(frames, device=self.reference.device), h, w)
+        return self.kv.prefix(use_a, use_t, cos, sin)
+
+    def _call(self, x: Tensor, sig: Tensor, pos: Tensor, audio: Tensor | None, prefix, is_ref=False,
+              return_kv=False):
+        f = x.shape[2]
+        flags = torch.full((f,), is_ref, dtype=torch.bool, device=x.device)
+        x_in = self.model.condition(x, self.reference, flags)
+        self.trace.model_calls += 1
+        return self.model(x_in, (sig * self.T).view(1, f), pos, audio=audio, prefix=prefix, return_kv=return_kv)
+
+    def _write_anchor(self, first_audio: Tensor | None) -> None:
+        audio = None
+        if first_audio is not None:
+            row = first_audio[:, :1, :1]
+            audio = torch.zeros_like(row).expand_as(first_audio[:, :1]) if self.opt.audio_zero_pad \
+                else row.expand_as(first_audio[:, :1])
+        pos = torch.zeros(1, dtype=torch.long, device=self.reference.device)
+        sig = torch.zeros(1, device=self.reference.device)
+        _, kv = self._call(self.reference, sig, pos, audio, None, is_ref=True, return_kv=True)
+        self.kv.write_anchor(kv)
+        self.anchor_ready = True
+
+    def _step(self) -> list[Tensor]:
+        h, w = self.reference.shape[3:]
+        start = self.window_start()
+        self.trace.prefix_offsets.append(start)  # window start - anchor position (0)
+        prefix = self._prefix(start, h, w)
+        x = torch.cat([b.x for b in self.window], dim=2)
+        audio = None
+        if all(b.audio is not None for b in self.window):
+            audio = torch.cat([b.audio for b in self.window], dim=1)
+        pos = torch.arange(start, start + x.shape[2], device=x.device)
+        levels = [self._level(b) for b in self.window]
+        for p in range(self.passes):
+            # sub-level of each block in this pass: from its level towards the next lower one
+            sig_b = [self._sub_sigma(lv, p) for lv in levels]
+            for b, s in zip(self.window, sig_b):
+                self.trace.passes.append((b.index, s))
+            sig = torch.tensor(sig_b, device=x.device).repeat_interleave(self.B)
+            v = self._call(x, sig, pos, audio, prefix)
+            x0 = x - sig.view(1, 1, -1, 1, 1) * v
+            if p < self.passes - 1:
+                nxt = torch.tensor([self._sub_sigma(lv, p + 1) for lv in levels], device=x.device)
+                x = add_noise(x0, self._noise(x.shape), nxt.repeat_interleave(self.B).view(1, 1, -1, 1, 1))
+        emitted = []
+        blocks = list(self.window)
+        x0_blocks = x0.split(self.B, dim=2)
+        if levels[0] == 0:
+            done = blocks.pop(0)
+            emitted.append(x0_blocks[0])
+            self.trace.emitted.append(done.index)
+            if self.cfg.stream.clean_cache_pass:
+                zero = torch.zeros(self.B, device=x.device)
+                _, kv = self._call(x0_blocks[0], zero, pos[: self.B], done.audio, prefix, return_kv=True)
+                self.kv.write_block(kv)
+            x0_blocks = x0_blocks[1:]
+        for b, x0b in zip(blocks, x0_blocks):
+            b.age += 1
+            b.x = add_noise(x0b, self._noise(x0b.shape), self.sigmas[self._level(b)])
+        self.window = blocks
+        return emitted
+
+    def _sub_sigma(self, level: int, p: int) -> float:
+        hi = self.sigmas[level]
+        lo = self.sigmas[level - 1] if level > 0 else 0.0
+        return hi + (lo - hi) * p / self.passes

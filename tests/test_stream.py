@@ -1,0 +1,187 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from avatarforcing.api import Avatar
+from avatarforcing.config import ModelConfig, preset
+from avatarforcing.model import AvatarDiT
+from avatarforcing.stream.schedule import teacher_sigmas, window_sigmas
+from avatarforcing.stream.window import Options, WindowSampler
+
+TINY_MODEL = ModelConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, latent_channels=4, text_dim=0, text_len=0,
+                         freq_dim=16, audio_dim=128, audio_token_dim=8, audio_blocks=(0, 1))
+
+
+def tiny_cfg(**stream):
+    c = preset("mini")
+    c = dataclasses.replace(c, model=TINY_MODEL, codec=dataclasses.replace(c.codec, height=32, width=32,
+                                                                         vae_base_dim=8))
+    return c.override({f"stream.{k}": v for k, v in stream.items()}) if stream else c.validate()
+
+
+def sampler(cfg, opts=None, seed=0, **kw):
+    torch.manual_seed(0)
+    model = AvatarDiT(cfg.model).eval()
+    ref = torch.randn(1, cfg.model.latent_channels, 1, 4, 4)
+    return WindowSampler(model, cfg, ref, torch.Generator().manual_seed(seed), opts, **kw)
+
+
+def audio(cfg):
+    return torch.randn(1, cfg.stream.block_frames, 4, cfg.model.audio_dim)
+
+
+def test_release_levels():
+    s = window_sigmas((1000, 800, 400, 200), 5.0)
+    assert np.allclose(s, [0.5556, 0.7692, 0.9524, 1.0], atol=1e-4)
+    grid = teacher_sigmas(50, 5.0)
+    assert all(abs(grid[i] - v) < 1e-9 for i, v in zip((0, 10, 30, 40), reversed(s)))
+
+
+@pytest.mark.parametrize("L,N,B", [(4, 1, 1), (2, 1, 2), (3, 2, 1)])
+def test_each_block_passes_levels_in_order_and_is_emitted_once(L, N, B):
+    steps = tuple(int(x) for x in np.linspace(1000, 200, L))
+    cfg = tiny_cfg(window_blocks=L, passes=N, block_frames=B, denoising_steps=list(steps),
+                   temporal_anchor_frames=1)
+    s = sampler(cfg)
+    n = 6
+    emitted = []
+    for _ in range(n):
+        emitted += s.push(audio(cfg))
+    emitted += s.drain()
+    assert s.trace.emitted == list(range(n)) and len(emitted) == n
+    levels = list(reversed(s.sigmas))  # s_L .. s_1
+    for blk in range(n):
+        seen = [sig for b, sig in s.trace.passes if b == blk]
+        want = [s._sub_sigma(L - 1 - i, p) for i in range(L) for p in range(N)]
+        assert np.allclose(seen, want)
+        assert np.allclose(seen[::N], levels)
+    # 1 anchor pass + N passes per step for n + L - 1 steps + 1 clean pass per emitted block
+    assert s.trace.model_calls == 1 + N * (n + L - 1) + n
+
+
+def test_kv_buffer_constant_and_anchor_offset_fixed():
+    cfg = tiny_cfg(temporal_anchor_frames=1)
+    s = sampler(cfg)
+    size = s.kv.nbytes()
+    ptrs = [k.data_ptr() for k in s.kv.keys]
+    for _ in range(60):
+        s.push(audio(cfg))
+        assert s.kv.nbytes() == size and [k.data_ptr() for k in s.kv.keys] == ptrs
+    offs = s.trace.prefix_offsets
+    assert len(set(offs)) == 1 and offs[0] == cfg.stream.temporal_anchor_frames + 1
+
+
+def test_anchor_offset_step_5_equals_step_5000():
+    cfg = tiny_cfg(temporal_anchor_frames=1)
+    s = sampler(cfg)
+    s.next_index = 5000  # a stream 5,000 blocks in: positions are rebased, so the offset is unchanged
+    s.push(audio(cfg))
+    far = s.trace.prefix_offsets[-1]
+    s2 = sampler(cfg)
+    for _ in range(5):
+        s2.push(audio(cfg))
+    assert far == s2.trace.prefix_offsets[-1]
+    # without re-indexing the window drifts away from the anchor
+    s3 = sampler(cfg, Options(rope_reindex=False))
+    s3.next_index = 5000
+    s3.push(audio(cfg))
+    assert s3.trace.prefix_offsets[-1] > 5000
+
+
+def test_reindexed_positions_equal_absolute_positions_math():
+    """Rebased positions give the same output as absolute positions with the same relative layout."""
+    cfg = tiny_cfg(temporal_anchor_frames=1)
+    a, b = sampler(cfg, seed=3), sampler(cfg, seed=3)
+    b.window_start = lambda: 10_000 + cfg.stream.temporal_anchor_frames + 1  # shifted, same distances
+    orig_prefix = b._prefix
+
+    def shifted_prefix(start, h, w):
+        p = orig_prefix(start, h, w)
+        frames = [10_000] + list(range(start - b.n_temporal, start))[: b.kv.temporal_frames]
+        cos, sin = b.model.rope(torch.tensor(frames), h, w)
+        return b.kv.prefix(True, True, cos, sin) if p is not None else None
+
+    b._prefix = shifted_prefix
+    out_a, out_b = [], []
+    for _ in range(6):
+        au = audio(cfg)
+        out_a += a.push(au)
+        out_b += b.push(au)
+    for x, y in zip(out_a, out_b):
+        assert torch.allclose(x, y, atol=1e-4)
+
+
+def _avatar():
+    cfg = tiny_cfg()
+    return Avatar.random(cfg, seed=1)
+
+
+def _image():
+    rng = np.random.default_rng(0)
+    return (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["avatarforcing", "ar", "teacher"])
+def test_chunking_invariance(mode):
+    av = _avatar()
+    rng = np.random.default_rng(0)
+    pcm = (0.1 * rng.standard_normal(16000 * 2 + 123)).astype(np.float32)
+    ref = None
+    plans = ["all", 640, 1, "random"] if mode == "avatarforcing" else ["all", "random"]
+    for plan in plans:
+        s = av.session(_image(), seed=7, mode=mode)
+        frames = []
+        if plan == "all":
+            sizes = [len(pcm)]
+        elif plan == "random":
+            sizes = list(rng.integers(1, 3000, 100))
+        else:
+            sizes = [plan] * (len(pcm) // plan + 1)
+        i = 0
+        for n in sizes:
+            if i >= len(pcm):
+                break
+            frames += s.push(pcm[i:i + n])
+            i += n
+        if i < len(pcm):
+            frames += s.push(pcm[i:])
+        frames += s.close()
+        out = np.concatenate(frames)
+        assert len(out) == -(-len(pcm) // 640)
+        if ref is None:
+            ref = out
+        else:
+            assert np.array_equal(out, ref), plan
+
+
+def test_frames_arrive_before_close_and_latency_reported():
+    av = _avatar()
+    s = av.session(_image(), seed=0)
+    pcm = np.zeros(16000 * 3, np.float32)
+    got = sum(len(f) for f in s.push(pcm))
+    L = av.cfg.stream.window_blocks
+    fpb = av.cfg.stream.block_frames * 4
+    assert got >= (75 - L * fpb - 1) // fpb * fpb - fpb
+    budget = s.latency_budget()
+    assert budget["lookahead_ms"] == pytest.approx(1000 * (L * fpb * 640 + s.fe.lookahead_samples) / 16000)
+    assert budget["compute_ms_per_step"] > 0
+
+
+def test_pcm_buffer_is_bounded():
+    av = _avatar()
+    s = av.session(_image(), seed=0)
+    for _ in range(30):
+        s.push(np.zeros(6400, np.float32))
+    assert len(s.pcm) < 6400 * 2 + 640 * 8
+
+
+def test_ablation_options_change_output():
+    av = _avatar()
+    pcm = (0.1 * np.random.default_rng(1).standard_normal(16000)).astype(np.float32)
+    base = av.generate(_image(), pcm, seed=0)
+    for opt in (Options(style_anchor=False), Options(rope_reindex=False), Options(audio_zero_pad=False),
+                Options(temporal_anchor=False)):
+        other = av.generate(_image(), pcm, seed=0, options=opt)
+        assert other.shape == base.shape and not np.array_equal(other, base), opt
