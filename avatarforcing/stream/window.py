@@ -57,8 +57,9 @@ class Trace:
 class WindowSampler:
     def __init__(self, model: AvatarDiT, cfg: Config, reference: Tensor, generator: torch.Generator,
                  options: Options | None = None, window_blocks: int | None = None,
-                 denoising_steps: tuple[int, ...] | None = None):
+                 denoising_steps: tuple[int, ...] | None = None, context: Tensor | None = None):
         s = cfg.stream
+        self.context = context  # [1, Lt, text_dim] cached text embeddings, or None
         self.model, self.cfg, self.opt = model, cfg, options or Options()
         self.reference = reference  # [1, C, 1, h, w]
         self.gen = generator
@@ -137,7 +138,8 @@ class WindowSampler:
         flags = torch.full((f,), is_ref, dtype=torch.bool, device=x.device)
         x_in = self.model.condition(x, self.reference, flags)
         self.trace.model_calls += 1
-        return self.model(x_in, (sig * self.T).view(1, f), pos, audio=audio, prefix=prefix, return_kv=return_kv)
+        return self.model(x_in, (sig * self.T).view(1, f), pos, audio=audio, context=self.context, prefix=prefix,
+                          return_kv=return_kv)
 
     def _write_anchor(self, first_audio: Tensor | None) -> None:
         audio = None

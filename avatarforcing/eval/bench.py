@@ -1,0 +1,167 @@
+"""Speed benchmarks: ``avatarforcing bench speed`` and ``avatarforcing bench codec``. Random weights.
+
+``speed`` drives the real engine (window sampler + streaming VAE decoder) step by step and reports
+per-step times (DiT and VAE separately), steady-state ms/frame, memory over the run, the algorithmic
+look-ahead and the compute latency to the first frame. Several window variants run in one call.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..codecs.vae import MiniVAE
+from ..config import Config, preset
+from ..model import AvatarDiT
+from ..stream.window import WindowSampler
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _mem_mb(device) -> float:
+    """Memory in use now: allocated GPU memory, or this process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(cfg: Config, device: torch.device, dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = AvatarDiT(cfg.model).to(device, dtype).eval()
+    if cfg.codec.vae == "mini":
+        vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device, dtype).eval()
+    else:
+        from diffusers import AutoencoderKLWan
+
+        from ..codecs.wan_vae import WanVAE
+
+        vae = WanVAE(AutoencoderKLWan().to(device, dtype))
+    return model, vae
+
+
+@torch.no_grad()
+def run_speed(cfg: Config, frames: int, device: torch.device, dtype: torch.dtype, model=None, vae=None,
+              mode: str = "avatarforcing", progress: bool = True) -> dict:
+    model, vae = (model, vae) if model is not None else build(cfg, device, dtype)
+    s, c = cfg.stream, cfg.codec
+    h, w = c.latent_hw
+    ref = torch.randn(1, cfg.model.latent_channels, 1, h, w, device=device, dtype=dtype)
+    context = None
+    if cfg.model.text_dim:
+        context = torch.randn(1, cfg.model.text_len, cfg.model.text_dim, device=device, dtype=dtype)
+    kw = dict(window_blocks=1, denoising_steps=(s.num_train_timesteps,)) if mode == "ar" else {}
+    sampler = WindowSampler(model, cfg, ref, torch.Generator().manual_seed(0), context=context, **kw)
+    decoder = vae.stream_decoder()
+    decoder.decode(ref)
+    fpb = s.block_frames * c.temporal_stride
+    n_blocks = -(-frames // fpb)
+    audio = torch.randn(1, s.block_frames, cfg.model.audio_pack, cfg.model.audio_dim, device=device, dtype=dtype)
+    dit_ms, vae_ms, mem = [], [], []
+    first_frame_ms = None
+    t_start = time.perf_counter()
+    out_frames = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    steps = range(n_blocks + sampler.L - 1)
+    for i in tqdm(steps, desc=f"{cfg.name} {mode}", disable=not progress):
+        _sync(device)
+        t0 = time.perf_counter()
+        latents = sampler.push(audio) if i < n_blocks else sampler._step()
+        _sync(device)
+        t1 = time.perf_counter()
+        for z in latents:
+            x = decoder.decode(z)
+            out_frames += x.shape[2]
+        _sync(device)
+        t2 = time.perf_counter()
+        dit_ms.append(1000 * (t1 - t0))
+        vae_ms.append(1000 * (t2 - t1))
+        if latents and first_frame_ms is None:
+            first_frame_ms = 1000 * (t2 - t_start)
+        mem.append(_mem_mb(device))
+    total_s = time.perf_counter() - t_start
+    # full-window steps (warm-up and drain excluded), when the run is long enough to have them
+    steady = slice(sampler.L - 1, n_blocks) if n_blocks > sampler.L - 1 else slice(0, len(dit_ms))
+    step_ms = np.array(dit_ms) + np.array(vae_ms)
+    per_frame = float(np.median(step_ms[steady])) / fpb
+    res = {
+        "model": cfg.name, "mode": mode, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+        "resolution": f"{c.width}x{c.height}", "B": s.block_frames, "L": sampler.L, "N": s.passes,
+        "frames": out_frames, "wall_s": total_s,
+        "ms_per_frame": per_frame, "fps": 1000.0 / per_frame,
+        "fps_overall": out_frames / total_s,
+        "dit_ms_per_frame": float(np.median(np.array(dit_ms)[steady])) / fpb,
+        "vae_ms_per_frame": float(np.median(np.array(vae_ms)[steady])) / fpb,
+        "step_ms_p50": float(np.median(step_ms[steady])),
+        "step_ms_p95": float(np.percentile(step_ms[steady], 95)),
+        "step_ms_first100": float(np.median(step_ms[steady][:100])),
+        "step_ms_last100": float(np.median(step_ms[steady][-100:])),
+        "first_frame_latency_ms": first_frame_ms,
+        "lookahead_ms": 1000.0 * (sampler.L * fpb * c.samples_per_frame) / c.sample_rate,
+        "peak_mem_mb": _peak_mb(device), "mem_mb_first100": float(np.median(mem[:100])),
+        "mem_mb_last100": float(np.median(mem[-100:])),
+        "kv_buffer_mb": sampler.kv.nbytes() / 2**20,
+    }
+    if first_frame_ms is not None:  # compute to the first frame: the first L steps (warm-up) + decode
+        res["first_frame_latency_ms"] = float(sum(step_ms[: sampler.L]))
+    return res
+
+
+@torch.no_grad()
+def run_codec(cfg: Config, device: torch.device, dtype: torch.dtype, latents: int = 64) -> dict:
+    _, vae = build(cfg, device, dtype) if cfg.codec.vae != "mini" else (None, MiniVAE(
+        cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device, dtype).eval())
+    h, w = cfg.codec.latent_hw
+    z = torch.randn(1, cfg.model.latent_channels, latents + 1, h, w, device=device, dtype=dtype)
+    dec = vae.stream_decoder()
+    dec.decode(z[:, :, :1])
+    for k in range(1, 4):  # warm-up
+        dec.decode(z[:, :, k:k + 1])
+    _sync(device)
+    t0 = time.perf_counter()
+    n = 0
+    for k in range(4, latents + 1):
+        n += dec.decode(z[:, :, k:k + 1]).shape[2]
+    _sync(device)
+    dt = time.perf_counter() - t0
+    return {"model": cfg.name, "vae": cfg.codec.vae, "device": device_name(device), "resolution":
+            f"{cfg.codec.width}x{cfg.codec.height}", "decode_frames_per_s": n / dt, "ms_per_frame": 1000 * dt / n}
+
+
+def speed_main(model: str, frames: int, device: str, dtype: str, json_path: str | None, modes: list[str]) -> list:
+    dev = torch.device(device)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cfg = preset(model)
+    net, vae = build(cfg, dev, dt)
+    results = [run_speed(cfg, frames, dev, dt, net, vae, mode=m) for m in modes]
+    text = json.dumps(results if len(results) > 1 else results[0], indent=2)
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(text + "\n")
+    return results
