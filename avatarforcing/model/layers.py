@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .math import apply_rope, attention
@@ -116,7 +117,9 @@ class WanBlock(nn.Module):
         y, k, v = self.self_attn(y, cos, sin, mask, prefix)
         x = (per_frame(x) + per_frame(y) * gate_msa).view(b, n, d).type_as(x)
         if self.cross_attn is not None and context is not None:
-            x = x + self.cross_attn(self.norm3(x.float()).type_as(x), context)
+            n3 = self.norm3
+            y = F.layer_norm(x.float(), (d,), n3.weight.float(), n3.bias.float(), n3.eps).type_as(x)
+            x = x + self.cross_attn(y, context)
         y = modulate(per_frame(self.norm2(x.float())), shift_ffn, scale_ffn).view(b, n, d).type_as(x)
         y = self.ffn(y)
         x = (per_frame(x) + per_frame(y) * gate_ffn).view(b, n, d).type_as(x)

@@ -138,7 +138,7 @@ class WindowSampler:
         flags = torch.full((f,), is_ref, dtype=torch.bool, device=x.device)
         x_in = self.model.condition(x, self.reference, flags)
         self.trace.model_calls += 1
-        return self.model(x_in, (sig * self.T).view(1, f), pos, audio=audio, context=self.context, prefix=prefix,
+        return self.model(x_in, (sig.float() * self.T).view(1, f), pos, audio=audio, context=self.context, prefix=prefix,
                           return_kv=return_kv)
 
     def _write_anchor(self, first_audio: Tensor | None) -> None:
@@ -171,10 +171,11 @@ class WindowSampler:
                 self.trace.passes.append((b.index, s))
             sig = torch.tensor(sig_b, device=x.device).repeat_interleave(self.B)
             v = self._call(x, sig, pos, audio, prefix)
-            x0 = x - sig.view(1, 1, -1, 1, 1) * v
+            x0 = (x.float() - sig.view(1, 1, -1, 1, 1) * v.float()).to(x.dtype)
             if p < self.passes - 1:
                 nxt = torch.tensor([self._sub_sigma(lv, p + 1) for lv in levels], device=x.device)
-                x = add_noise(x0, self._noise(x.shape), nxt.repeat_interleave(self.B).view(1, 1, -1, 1, 1))
+                nxt = nxt.repeat_interleave(self.B).view(1, 1, -1, 1, 1)
+                x = add_noise(x0.float(), self._noise(x.shape).float(), nxt).to(x.dtype)
         emitted = []
         blocks = list(self.window)
         x0_blocks = x0.split(self.B, dim=2)
@@ -189,7 +190,7 @@ class WindowSampler:
             x0_blocks = x0_blocks[1:]
         for b, x0b in zip(blocks, x0_blocks):
             b.age += 1
-            b.x = add_noise(x0b, self._noise(x0b.shape), self.sigmas[self._level(b)])
+            b.x = add_noise(x0b.float(), self._noise(x0b.shape).float(), self.sigmas[self._level(b)]).to(x0b.dtype)
         self.window = blocks
         return emitted
 

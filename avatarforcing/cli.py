@@ -1,0 +1,268 @@
+"""``avatarforcing`` command line: generate | stream | serve | train | eval | bench | data | convert."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import AvatarForcingError
+
+ABLATIONS = ("style-anchor", "rope-reindex", "audio-zero-pad", "temporal-anchor")
+
+
+class Missing(AvatarForcingError):
+    """A capability another issue has not built yet."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mini", help="shipped model name or model folder (default: mini)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--audio-model", help="local wav2vec2-base-960h folder (models with the wav2vec2 front end)")
+    p.add_argument("--mode", default="avatarforcing", choices=["avatarforcing", "ar", "teacher"],
+                   help="sampler: AvatarForcing window, one-step AR forcing, or the multi-step teacher")
+    p.add_argument("--seed", type=int, default=0)
+    for name in ABLATIONS:
+        p.add_argument(f"--no-{name}", action="store_true", help=f"ablation: disable the {name.replace('-', ' ')}")
+
+
+def _options(args):
+    from .stream.window import Options
+
+    return Options(style_anchor=not args.no_style_anchor, rope_reindex=not args.no_rope_reindex,
+                   audio_zero_pad=not args.no_audio_zero_pad, temporal_anchor=not args.no_temporal_anchor)
+
+
+def _reference(args) -> str:
+    if args.image:
+        return args.image
+    from .identities import identity_image
+
+    return identity_image(args.identity)
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from .api import Avatar
+    from .data.audio import load_audio
+    from .data.video import VideoWriter
+
+    avatar = Avatar.load(args.model, args.device, args.audio_model)
+    rate = avatar.cfg.codec.sample_rate
+    pcm = load_audio(args.audio, rate)
+    session = avatar.session(_reference(args), seed=args.seed, mode=args.mode, options=_options(args))
+    total = -(-len(pcm) // avatar.cfg.codec.samples_per_frame)
+    t0 = time.perf_counter()
+    chunk = rate // 5  # 200 ms of audio per push, as a live source would deliver it
+    with VideoWriter(args.out, fps=avatar.cfg.codec.fps, sample_rate=rate) as writer, \
+            tqdm(total=total, unit="frame", desc="generate") as bar:
+        for i in range(0, len(pcm), chunk):
+            writer.add_audio(pcm[i:i + chunk])
+            for frames in session.push(pcm[i:i + chunk]):
+                writer.write(frames)
+                bar.update(len(frames))
+        for frames in session.close():
+            writer.write(frames)
+            bar.update(len(frames))
+        n = writer.frames_written
+    dt = time.perf_counter() - t0
+    print(f"{args.out}: {n} frames, {dt:.1f} s, {n / dt:.1f} fps "
+          f"(look-ahead {session.lookahead_ms:.0f} ms, first frame after {session.stats.first_frame_ms:.0f} ms "
+          f"of compute)")
+    return 0
+
+
+def cmd_stream(args) -> int:
+    import numpy as np
+
+    from .api import Avatar
+
+    avatar = Avatar.load(args.model, args.device, args.audio_model)
+    session = avatar.session(_reference(args), seed=args.seed, mode=args.mode, options=_options(args))
+    c = avatar.cfg.codec
+    print(f"avatarforcing stream: in {args.format} mono {c.sample_rate} Hz; out rgb24 {c.width}x{c.height} "
+          f"@ {c.fps} fps; look-ahead {session.lookahead_ms:.0f} ms", file=sys.stderr)
+    width = 2 if args.format == "s16le" else 4
+    out = sys.stdout.buffer
+    inp = sys.stdin.buffer
+    pending = b""
+    while True:
+        data = inp.read1(args.chunk * width) if hasattr(inp, "read1") else inp.read(args.chunk * width)
+        if not data:
+            break
+        data = pending + data
+        usable = len(data) // width * width
+        pending = data[usable:]
+        raw = np.frombuffer(data[:usable], dtype="<i2" if width == 2 else "<f4")
+        pcm = raw.astype(np.float32) / 32768.0 if width == 2 else raw.astype(np.float32)
+        for frames in session.push(pcm):
+            out.write(frames.tobytes())
+            out.flush()
+    for frames in session.close():
+        out.write(frames.tobytes())
+    out.flush()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    from .eval.bench import run_codec, speed_main
+
+    if args.what == "speed":
+        modes = args.modes.split(",")
+        speed_main(args.model, args.frames, args.device, args.dtype, args.json, modes)
+    elif args.what == "codec":
+        from .config import preset
+
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        res = [run_codec(preset(args.model), torch.device(args.device), dt)]
+        if torch.cuda.is_available() and args.model == "mini":
+            res.append(run_codec(preset("wan-1.3b"), torch.device("cuda"), torch.bfloat16, latents=12))
+        text = json.dumps(res if len(res) > 1 else res[0], indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+    else:
+        raise Missing("`bench serve` needs the real-time server (issue: server and browser client), not built yet")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .checkpoints import (
+        avatarforcing_state_dict,
+        detect_and_read,
+        load_into,
+        omniavatar_state_dict,
+        save_model,
+    )
+    from .config import Config, preset
+    from .model import AvatarDiT
+
+    cfg = Config.load(args.config) if args.config else preset(args.preset)
+    if args.lora:
+        sd = omniavatar_state_dict(args.src, args.lora)
+    elif args.format == "avatarforcing":
+        sd = avatarforcing_state_dict(args.src, use_ema=args.ema)
+    else:
+        sd = detect_and_read(args.src, use_ema=args.ema)
+    if "patch_embedding.weight" in sd and sd["patch_embedding.weight"].shape[1] != cfg.model.in_channels:
+        plain = sd["patch_embedding.weight"].shape[1] == cfg.model.latent_channels
+        if plain and "audio_proj.proj.weight" not in sd:  # a text-to-video Wan checkpoint
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, reference_conditioning=False,
+                                                                     audio_dim=0))
+    with torch.device("meta"):
+        model = AvatarDiT(cfg.model)
+    load_into(model, sd, str(args.src), assign=True)
+    out = save_model(model, cfg, args.out, dtype=args.dtype)
+    print(f"wrote {out} ({sum(v.numel() for v in sd.values()):,} parameters, {args.dtype})")
+    return 0
+
+
+def cmd_missing(what: str):
+    def run(args) -> int:
+        raise Missing(what)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="avatarforcing", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="portrait + speech file -> talking-avatar MP4 (H.264 + AAC)",
+                       description="Stream a speech file through the model and write the video incrementally.")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="portrait (jpg/png/webp)")
+    src.add_argument("--identity", help="a built-in identity name (see `avatarforcing data identities`)")
+    g.add_argument("--audio", required=True, help="speech (wav/flac/ogg/mp3/m4a)")
+    g.add_argument("--out", required=True, help="output .mp4")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("stream", help="raw PCM on stdin -> raw rgb24 frames on stdout, as they are ready",
+                       description="Pipe speech in (16 kHz mono) and frames out, e.g. into ffmpeg -f rawvideo.")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image")
+    src.add_argument("--identity")
+    s.add_argument("--format", choices=["s16le", "f32le"], default="s16le", help="input sample format")
+    s.add_argument("--chunk", type=int, default=640, help="samples read per push")
+    _add_model_args(s)
+    s.set_defaults(func=cmd_stream)
+
+    v = sub.add_parser("serve", help="real-time WebSocket server and browser page",
+                       description="FastAPI + uvicorn server (not built yet).")
+    v.add_argument("--model", default="mini")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-sessions", type=int, default=4)
+    v.set_defaults(func=cmd_missing("`serve` needs the real-time server (issue: server and browser client), "
+                                    "not built yet"))
+
+    t = sub.add_parser("train", help="training stages: vae, teacher, ode-generate, ode, dmd, syncnet, recipe",
+                       description="Training (not built yet).")
+    t.add_argument("stage", choices=["vae", "teacher", "ode-generate", "ode", "dmd", "syncnet", "recipe"])
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_missing("`train` needs the training loop (issue: teacher, ODE backfill, DMD), "
+                                    "not built yet"))
+
+    e = sub.add_parser("eval", help="metrics and the long-form benchmark",
+                       description="Evaluation (not built yet).")
+    e.add_argument("what", choices=["longform", "video"])
+    e.add_argument("rest", nargs=argparse.REMAINDER)
+    e.set_defaults(func=cmd_missing("`eval` needs the evaluation kit (issue: metrics, long-form benchmark), "
+                                    "not built yet"))
+
+    b = sub.add_parser("bench", help="speed benchmarks (JSON)",
+                       description="speed: the streaming engine (DiT + VAE) per step; codec: VAE decode rate.")
+    b.add_argument("what", choices=["speed", "codec", "serve"])
+    b.add_argument("--model", default="mini", choices=["mini", "wan-1.3b"])
+    b.add_argument("--frames", type=int, default=1000)
+    b.add_argument("--modes", default="avatarforcing,ar", help="comma-separated samplers to compare")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--json", help="write the JSON result here")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("data", help="synthetic talking-head corpus", description="Corpus tools (not built yet).")
+    d.add_argument("what", choices=["synth", "identities"])
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    d.set_defaults(func=cmd_missing("`data` needs the synthetic corpus (issue: synthetic talking-head corpus), "
+                                    "not built yet"))
+
+    c = sub.add_parser("convert", help="any supported checkpoint -> our safetensors + config.yaml",
+                       description="Official AvatarForcing model.pt / ode_audio_init.pt, OmniAvatar (Wan base + "
+                                   "--lora), Wan2.1 (original or diffusers layout) -> our format.")
+    c.add_argument("src", help="checkpoint file or folder")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--format", default="auto", choices=["auto", "avatarforcing", "wan"])
+    c.add_argument("--lora", help="OmniAvatar checkpoint (LoRA + audio modules) on top of the Wan base SRC")
+    c.add_argument("--ema", action="store_true", help="take generator_ema from an AvatarForcing checkpoint")
+    c.add_argument("--preset", default="wan-1.3b", choices=["mini", "wan-1.3b"])
+    c.add_argument("--config", help="a config YAML instead of the preset")
+    c.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"])
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AvatarForcingError as e:
+        print(f"avatarforcing {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
