@@ -167,6 +167,35 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from .identities import IDENTITIES, identity_image
+
+    if args.what == "identities":
+        for name in sorted(IDENTITIES):
+            print(name)
+            if args.out:
+                from PIL import Image
+
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(identity_image(name, args.size)).save(Path(args.out) / f"{name}.png")
+        return 0
+    if not args.out:
+        raise AvatarForcingError("data synth needs --out DIR")
+    if args.size % 16 or args.size < 64:
+        raise AvatarForcingError(f"--size must be a multiple of 16 and >= 64, got {args.size}")
+    from .data.corpus import contact_sheet, synth
+
+    t0 = time.perf_counter()
+    synth(args.out, args.clips, args.seconds, args.split, args.seed, args.size, args.workers, args.shard_size)
+    dt = time.perf_counter() - t0
+    frames = args.clips * round(args.seconds * 25)
+    print(f"{args.out}: {args.clips} {args.split} clips, {frames} frames in {dt:.1f} s ({frames / dt:.0f} frames/s)")
+    if args.preview:
+        contact_sheet(Path(args.out) / "clips" / f"{args.split}-00000", args.preview)
+        print(f"contact sheet: {args.preview}")
+    return 0
+
+
 def cmd_missing(what: str):
     def run(args) -> int:
         raise Missing(what)
@@ -232,11 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the JSON result here")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("data", help="synthetic talking-head corpus", description="Corpus tools (not built yet).")
+    d = sub.add_parser("data", help="synthetic talking-head corpus: synth | identities",
+                       description="synth: render a corpus split (MP4 + wav + ground truth + training shards); "
+                                   "identities: list the built-in identities (or save their portraits).")
     d.add_argument("what", choices=["synth", "identities"])
-    d.add_argument("rest", nargs=argparse.REMAINDER)
-    d.set_defaults(func=cmd_missing("`data` needs the synthetic corpus (issue: synthetic talking-head corpus), "
-                                    "not built yet"))
+    d.add_argument("--out", help="corpus folder (synth) or folder for portrait PNGs (identities)")
+    d.add_argument("--clips", type=int, default=16)
+    d.add_argument("--seconds", type=float, default=16.0)
+    d.add_argument("--size", type=int, default=128)
+    d.add_argument("--split", choices=["train", "heldout"], default="train")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--shard-size", type=int, default=16)
+    d.add_argument("--preview", help="write a contact sheet PNG of the first clip here")
+    d.set_defaults(func=cmd_data)
 
     c = sub.add_parser("convert", help="any supported checkpoint -> our safetensors + config.yaml",
                        description="Official AvatarForcing model.pt / ode_audio_init.pt, OmniAvatar (Wan base + "
