@@ -83,15 +83,19 @@ class WindowSampler:
 
     # ----------------------------------------------------------------- public
 
-    @torch.no_grad()
-    def push(self, audio: Tensor | None) -> list[Tensor]:
-        """Add one pure-noise block (with its audio rows [1, B, pack, dim]) and step; returns emitted blocks."""
-        if not self.anchor_ready:
-            self._write_anchor(audio)
+    def push(self, audio: Tensor | None, grad: bool = False) -> list[Tensor]:
+        """Add one pure-noise block (with its audio rows [1, B, pack, dim]) and step; returns emitted blocks.
+
+        ``grad=True`` keeps the autograd graph of this step's window prediction (``last_x0``), for DMD.
+        """
+        with torch.no_grad():
+            if not self.anchor_ready:
+                self._write_anchor(audio)
         noise = self._noise(self.reference.shape[:2] + (self.B,) + self.reference.shape[3:])
         self.window.append(Block(self.next_index, noise, audio))
         self.next_index += 1
-        return self._step()
+        with torch.set_grad_enabled(grad):
+            return self._step()
 
     @torch.no_grad()
     def drain(self) -> list[Tensor]:
@@ -176,6 +180,8 @@ class WindowSampler:
                 nxt = torch.tensor([self._sub_sigma(lv, p + 1) for lv in levels], device=x.device)
                 nxt = nxt.repeat_interleave(self.B).view(1, 1, -1, 1, 1)
                 x = add_noise(x0.float(), self._noise(x.shape).float(), nxt).to(x.dtype)
+        self.last_x0, self.last_levels = x0, levels  # the window's prediction (with grad if enabled)
+        x0 = x0.detach()
         emitted = []
         blocks = list(self.window)
         x0_blocks = x0.split(self.B, dim=2)
@@ -185,7 +191,8 @@ class WindowSampler:
             self.trace.emitted.append(done.index)
             if self.cfg.stream.clean_cache_pass:
                 zero = torch.zeros(self.B, device=x.device)
-                _, kv = self._call(x0_blocks[0], zero, pos[: self.B], done.audio, prefix, return_kv=True)
+                with torch.no_grad():
+                    _, kv = self._call(x0_blocks[0], zero, pos[: self.B], done.audio, prefix, return_kv=True)
                 self.kv.write_block(kv)
             x0_blocks = x0_blocks[1:]
         for b, x0b in zip(blocks, x0_blocks):

@@ -1,0 +1,345 @@
+"""The mini recipe, stage by stage, each resumable (checkpoints in OUT/<stage>.ckpt, done-markers):
+
+  1. vae        mini VAE on the corpus (frames in [-1, 1], 9-frame windows)
+  2. latents    the corpus encoded once: latents [clips, 1+n, C, h, w] + anchored mel rows (fp16 npz);
+                later stages read only this (small enough to move to a GPU machine)
+  3. teacher    bidirectional flow matching over 1 + 8 latent frames, audio dropout for CFG
+  4. ode-gen    teacher trajectories (CFG on audio) at the student's window levels + clean endpoints
+  5. ode        stage 1: ODE backfill regression of the student (initialised from the teacher)
+  6. dmd        stage 2: DMD with the frozen teacher (real score) and a critic (fake score)
+  7. export     the student (EMA, fp16) + VAE as a model folder loadable by ``Avatar.load``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoints import load_into, read_state_dict, save_model
+from ..codecs.audio import MelFrontEnd
+from ..codecs.vae import MiniVAE
+from ..config import Config, preset
+from ..data.dataset import CorpusDataset
+from ..model import AvatarDiT
+from ..stream.schedule import window_sigmas
+from .loop import LoopConfig, Trainer, step_generator
+from .stages import (
+    audio_rows,
+    batch,
+    critic_loss,
+    dmd_loss,
+    encode,
+    ode_loss,
+    psnr,
+    set_latent_stats,
+    teacher_loss,
+    teacher_sample,
+    vae_loss,
+)
+
+
+@dataclass
+class RecipeConfig:
+    vae_steps: int = 3000
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    latent_clips: int = 0  # 0: all train clips
+    latent_seconds: float = 0.0  # 0: whole clips
+    teacher_steps: int = 4000
+    teacher_batch: int = 16
+    teacher_lr: float = 3e-4
+    clip_latents: int = 8  # latent frames after the reference per training clip (32 video frames)
+    ode_samples: int = 256
+    ode_steps: int = 3000
+    ode_accum: int = 4
+    ode_lr: float = 1e-4
+    dmd_steps: int = 300
+    dmd_lr: float = 2e-5
+    critic_lr: float = 1e-4
+    critic_updates: int = 5
+    seed: int = 0
+
+
+SMOKE = RecipeConfig(vae_steps=4, vae_batch=2, latent_clips=2, teacher_steps=4, teacher_batch=2, clip_latents=4,
+                     ode_samples=2, ode_steps=4, ode_accum=1, dmd_steps=2, critic_updates=2)
+
+
+def _done(out: Path, stage: str) -> bool:
+    return (out / f"{stage}.done").exists()
+
+
+def _mark(out: Path, stage: str, info: dict | None = None) -> None:
+    (out / f"{stage}.done").write_text(json.dumps(info or {}))
+
+
+def stage_vae(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, device, deadline=None) -> MiniVAE:
+    vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device)
+    if _done(out, "vae"):
+        load_into(vae, read_state_dict(out / "vae.safetensors"), str(out / "vae.safetensors"))
+        return vae.eval()
+    ds = CorpusDataset(corpus, "train", window_frames=9, stride=4)
+    tr = Trainer("vae", vae, out, LoopConfig(steps=r.vae_steps, lr=r.vae_lr, seed=r.seed, save_every=500,
+                                            log_every=20), device)
+    tr.run(lambda step, micro, gen: vae_loss(vae, batch(ds, gen, r.vae_batch, device)["frames"]),
+           deadline=deadline)
+    if tr.step < r.vae_steps:
+        raise TimeoutError("vae: stopped at the deadline; run the recipe again to resume")
+    vae.eval()
+    set_latent_stats(vae, ds, device)
+    held = CorpusDataset(corpus, "heldout", window_frames=33, stride=200)
+    scores = [psnr(vae, held[i]["frames"][None].to(device)) for i in range(min(16, len(held)))]
+    info = {"psnr_db": float(np.mean([s[0] for s in scores])), "mouth_psnr_db": float(np.mean([s[1] for s in scores])),
+            "heldout_windows": len(scores)}
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
+    _mark(out, "vae", info)
+    return vae
+
+
+@torch.no_grad()
+def stage_latents(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, vae: MiniVAE, device) -> Path:
+    """Encode every train clip once: reference + 4n frames -> latents; mel rows with the anchor row."""
+    path = out / "latents.npz"
+    if path.exists():
+        return path
+    fe = MelFrontEnd(cfg.codec)
+    seconds = r.latent_seconds or None
+    shards = sorted((corpus / "shards").glob("train-*"))
+    lats, rows = [], []
+    for d in shards:
+        frames = np.load(d / "frames.npy", mmap_mode="r")
+        audio = np.load(d / "audio.npy", mmap_mode="r")
+        refs = np.load(d / "references.npy", mmap_mode="r")
+        for c in range(frames.shape[0]):
+            t = frames.shape[1] if not seconds else int(seconds * cfg.codec.fps)
+            t = t // 4 * 4
+            fr = torch.from_numpy(np.array(frames[c, :t])).permute(3, 0, 1, 2).float()[None] / 127.5 - 1
+            ref = torch.from_numpy(np.array(refs[c])).permute(2, 0, 1).float()[None] / 127.5 - 1
+            lats.append(encode(vae, fr.to(device), ref.to(device))[0].cpu().half().numpy())
+            a = torch.from_numpy(np.array(audio[c, : t * cfg.codec.samples_per_frame]))
+            rows.append(audio_rows(fe, a[None], cfg.model.audio_pack, "cpu")[0].half().numpy())
+            if r.latent_clips and len(lats) >= r.latent_clips:
+                break
+        if r.latent_clips and len(lats) >= r.latent_clips:
+            break
+    np.savez(path, latents=np.stack(lats), rows=np.stack(rows))
+    return path
+
+
+class LatentClips:
+    """Random windows of 1 + n latent frames (reference first) from the encoded corpus."""
+
+    def __init__(self, path: Path, n: int, device):
+        data = np.load(path)
+        self.lat = torch.from_numpy(data["latents"]).float()  # [clips, C, 1 + N, h, w]
+        self.rows = torch.from_numpy(data["rows"]).float()  # [clips, 1+N, pack, D]
+        self.n, self.device = n, device
+
+    def sample(self, gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        clips = torch.randint(len(self.lat), (b,), generator=gen)
+        total = self.lat.shape[2] - 1
+        starts = torch.randint(0, total - self.n + 1, (b,), generator=gen)
+        lat, rows = [], []
+        for c, s in zip(clips.tolist(), starts.tolist()):
+            x = self.lat[c]
+            lat.append(torch.cat([x[:, :1], x[:, 1 + s: 1 + s + self.n]], 1))
+            rows.append(torch.cat([self.rows[c, :1], self.rows[c, 1 + s: 1 + s + self.n]], 0))
+        return torch.stack(lat).to(self.device), torch.stack(rows).to(self.device)
+
+
+def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, device, deadline=None) -> AvatarDiT:
+    torch.manual_seed(r.seed)
+    teacher = AvatarDiT(cfg.model).to(device)
+    if _done(out, "teacher"):
+        load_into(teacher, read_state_dict(out / "teacher.safetensors"), "teacher")
+        return teacher.eval()
+    tr = Trainer("teacher", teacher, out, LoopConfig(steps=r.teacher_steps, lr=r.teacher_lr, seed=r.seed + 1,
+                                                    ema_decay=0.995, ema_start=100, save_every=500), device)
+
+    def step(s, micro, gen):
+        lat, rows = data.sample(gen, r.teacher_batch)
+        return teacher_loss(tr.forward_model, cfg, lat, rows, gen, cfg.train.audio_dropout)
+
+    tr.run(step, deadline=deadline)
+    if tr.step < r.teacher_steps:
+        raise TimeoutError("teacher: stopped at the deadline; run the recipe again to resume")
+    final = tr.trained()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "teacher.safetensors"))
+    _mark(out, "teacher")
+    teacher.load_state_dict(final.state_dict())
+    return teacher.eval()
+
+
+@torch.no_grad()
+def stage_ode_generate(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teacher: AvatarDiT,
+                       device) -> Path:
+    """Trajectories at exactly the student's window levels (they lie on the teacher's grid) + endpoints."""
+    from safetensors.torch import load_file, save_file
+
+    path = out / "ode.safetensors"
+    if path.exists():
+        return path
+    s = cfg.stream
+    levels = window_sigmas(tuple(s.denoising_steps), s.shift, s.num_train_timesteps)  # oldest first
+    tensors = {}
+    per = 16
+    for k in range(0, r.ode_samples, per):
+        part = out / f"ode-part{k // per:04d}.safetensors"  # resumable parts
+        if not part.exists():
+            gen = step_generator(r.seed + 7, k)
+            lat, rows = data.sample(gen, min(per, r.ode_samples - k))
+            clean, kept = teacher_sample(teacher, cfg, lat[:, :, :1], rows, data.n, gen, s.teacher_steps,
+                                         s.guidance, levels)
+            if set(kept) != set(levels):
+                raise RuntimeError(f"teacher grid misses student levels: {sorted(set(levels) - set(kept))}")
+            t = {"ref": lat[:, :, :1], "rows": rows, "clean": clean}
+            for j, lv in enumerate(levels):
+                t[f"state{j}"] = kept[lv]
+            save_file({n: v.contiguous().cpu() for n, v in t.items()}, str(part))
+        for n, v in load_file(str(part)).items():
+            tensors.setdefault(n, []).append(v)
+    save_file({n: torch.cat(v) for n, v in tensors.items()}, str(path))
+    (out / "ode.json").write_text(json.dumps({"levels_oldest_first": levels, "samples": r.ode_samples}))
+    return path
+
+
+def stage_ode(out: Path, cfg: Config, r: RecipeConfig, ode_path: Path, teacher: AvatarDiT, device,
+              deadline=None) -> AvatarDiT:
+    from safetensors.torch import load_file
+
+    student = AvatarDiT(cfg.model).to(device)
+    if _done(out, "ode"):
+        load_into(student, read_state_dict(out / "ode.student.safetensors"), "ode")
+        return student
+    student.load_state_dict(teacher.state_dict())  # initialised from the teacher
+    traj = {k: v.to(device) for k, v in load_file(str(ode_path)).items()}
+    n = traj["ref"].shape[0]
+    L = cfg.stream.window_blocks
+    tr = Trainer("ode", student, out, LoopConfig(steps=r.ode_steps, lr=r.ode_lr, seed=r.seed + 2,
+                                                grad_accum=r.ode_accum, ema_decay=0.99, ema_start=100,
+                                                save_every=500), device)
+
+    def step(s, micro, gen):
+        i = int(torch.randint(n, (1,), generator=gen))
+        rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+        sample = {"ref": traj["ref"][i:i + 1], "rows": traj["rows"][i:i + 1], "clean": traj["clean"][i:i + 1],
+                  "states": [traj[f"state{j}"][i:i + 1] for j in range(L)]}
+        return ode_loss(tr.forward_model, cfg, sample, rng)
+
+    tr.run(step, deadline=deadline)
+    if tr.step < r.ode_steps:
+        raise TimeoutError("ode: stopped at the deadline; run the recipe again to resume")
+    from safetensors.torch import save_file
+
+    final = tr.trained()
+    save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "ode.student.safetensors"))
+    _mark(out, "ode")
+    student.load_state_dict(final.state_dict())
+    return student
+
+
+def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teacher: AvatarDiT,
+              student: AvatarDiT, device, deadline=None) -> AvatarDiT:
+    if _done(out, "dmd"):
+        load_into(student, read_state_dict(out / "dmd.student.safetensors"), "dmd")
+        return student
+    critic = AvatarDiT(cfg.model).to(device)
+    critic.load_state_dict(teacher.state_dict())
+    teacher.requires_grad_(False).eval()
+    copt = torch.optim.AdamW(critic.parameters(), lr=r.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
+    tr = Trainer("dmd", student, out, LoopConfig(steps=r.dmd_steps, lr=r.dmd_lr, betas=(0.0, 0.999), seed=r.seed + 3,
+                                                ema_decay=0.99, ema_start=20, save_every=50, log_every=5),
+                 device, extra={"critic": critic}, extra_optims={"critic": copt})
+
+    def step(s, micro, gen):
+        lat, rows = data.sample(gen, 1)
+        rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+        sample = {"ref": lat[:, :, :1], "rows": rows}
+        loss, (x, xrows), logs = dmd_loss(student, teacher, critic, cfg, sample, gen, rng)
+        for _ in range(r.critic_updates):  # the fake score follows the student's current samples
+            copt.zero_grad(set_to_none=True)
+            closs, clog = critic_loss(critic, cfg, sample["ref"], x, xrows, gen)
+            closs.backward()
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+            copt.step()
+        logs.update(clog)
+        return loss, logs
+
+    tr.run(step, deadline=deadline)
+    if tr.step < r.dmd_steps:
+        raise TimeoutError("dmd: stopped at the deadline; run the recipe again to resume")
+    from safetensors.torch import save_file
+
+    final = tr.trained()
+    save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "dmd.student.safetensors"))
+    _mark(out, "dmd")
+    student.load_state_dict(final.state_dict())
+    return student
+
+
+def export(out: Path, cfg: Config, student: AvatarDiT, vae: MiniVAE, dest: Path, dtype: str = "fp16") -> Path:
+    save_model(student, cfg, dest, dtype=dtype)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()},
+              str(dest / "vae.safetensors"))
+    info = {}
+    for stage in ("vae", "teacher", "ode", "dmd"):
+        if (out / f"{stage}.done").exists():
+            info[stage] = json.loads((out / f"{stage}.done").read_text() or "{}")
+    (dest / "training.json").write_text(json.dumps(info, indent=1))
+    return dest
+
+
+def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: RecipeConfig | None = None,
+               cfg: Config | None = None, stages: tuple[str, ...] = ("vae", "latents", "teacher", "ode-gen", "ode",
+                                                                       "dmd", "export"),
+               export_to: str | Path | None = None, minutes: float | None = None) -> dict:
+    r = r or RecipeConfig()
+    cfg = cfg or preset("mini")
+    dev = torch.device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = Path(corpus)
+    deadline = time.time() + 60 * minutes if minutes else None
+    times = {}
+    t0 = time.time()
+    vae = None
+    if "vae" in stages:
+        vae = stage_vae(corpus, out, cfg, r, dev, deadline)
+        times["vae"] = time.time() - t0
+    if "latents" in stages:
+        stage_latents(corpus, out, cfg, r, vae, dev)
+        times["latents"] = time.time() - t0
+    data = LatentClips(out / "latents.npz", r.clip_latents, dev)
+    teacher = student = None
+    if "teacher" in stages:
+        teacher = stage_teacher(out, cfg, r, data, dev, deadline)
+        times["teacher"] = time.time() - t0
+    if "ode-gen" in stages:
+        stage_ode_generate(out, cfg, r, data, teacher, dev)
+        times["ode-gen"] = time.time() - t0
+    if "ode" in stages:
+        student = stage_ode(out, cfg, r, out / "ode.safetensors", teacher, dev, deadline)
+        times["ode"] = time.time() - t0
+    if "dmd" in stages:
+        student = stage_dmd(out, cfg, r, data, teacher, student, dev, deadline)
+        times["dmd"] = time.time() - t0
+    if "export" in stages and export_to:
+        if vae is None:
+            vae = stage_vae(corpus, out, cfg, r, dev)
+        export(out, cfg, student.cpu().float(), vae.cpu().float(), Path(export_to))
+    (out / "recipe_times.json").write_text(json.dumps(times, indent=1))
+    return times
+
+
+__all__ = ["RecipeConfig", "SMOKE", "run_recipe", "dataclasses"]
