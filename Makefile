@@ -29,6 +29,14 @@ demo-speech: $(STAMP)
 	$(VENV)/bin/avatarforcing generate --model mini --identity demo \
 	    --audio assets/speech.mp3 --out out/demo_speech.mp4
 
+# every training stage on a tiny corpus, a few steps each (a few minutes on CPU); the student then streams
+smoke-train: $(STAMP)
+	$(VENV)/bin/avatarforcing data synth --out out/smoke/corpus --clips 2 --seconds 4 --split train --seed 1
+	$(VENV)/bin/avatarforcing data synth --out out/smoke/corpus --clips 1 --seconds 4 --split heldout --seed 1
+	$(VENV)/bin/avatarforcing train recipe --smoke --corpus out/smoke/corpus --out out/smoke/run --export out/smoke/model
+	$(VENV)/bin/avatarforcing generate --model out/smoke/model --identity demo \
+	    --audio out/smoke/corpus/clips/heldout-00000/audio.wav --out out/smoke/student.mp4
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check avatarforcing tests
 

@@ -186,13 +186,43 @@ def cmd_data(args) -> int:
     from .data.corpus import contact_sheet, synth
 
     t0 = time.perf_counter()
-    synth(args.out, args.clips, args.seconds, args.split, args.seed, args.size, args.workers, args.shard_size)
+    synth(args.out, args.clips, args.seconds, args.split, args.seed, args.size, args.workers, args.shard_size,
+          clip_files=not args.shards_only)
     dt = time.perf_counter() - t0
     frames = args.clips * round(args.seconds * 25)
     print(f"{args.out}: {args.clips} {args.split} clips, {frames} frames in {dt:.1f} s ({frames / dt:.0f} frames/s)")
-    if args.preview:
+    if args.preview and not args.shards_only:
         contact_sheet(Path(args.out) / "clips" / f"{args.split}-00000", args.preview)
         print(f"contact sheet: {args.preview}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    import yaml
+
+    from .train.recipe import SMOKE, RecipeConfig, run_recipe
+
+    if args.stage == "syncnet":
+        raise Missing("`train syncnet` needs the evaluation kit (issue: metrics, long-form benchmark), not built yet")
+    order = ["vae", "latents", "teacher", "ode-gen", "ode", "dmd", "export"]
+    last = {"vae": "vae", "teacher": "teacher", "ode-generate": "ode-gen", "ode": "ode", "dmd": "dmd",
+            "recipe": "export"}[args.stage]
+    stages = tuple(order[: order.index(last) + 1])
+    r = SMOKE if args.smoke else RecipeConfig()
+    if args.config:
+        r = dataclasses.replace(r, **(yaml.safe_load(Path(args.config).read_text()) or {}))
+    if not (Path(args.corpus) / "shards").is_dir():
+        raise AvatarForcingError(f"{args.corpus}: no corpus shards; run `avatarforcing data synth --out {args.corpus}`"
+                                 " for the train and heldout splits first")
+    try:
+        times = run_recipe(args.corpus, args.out, args.device, r, stages=stages, export_to=args.export,
+                           minutes=args.minutes)
+    except TimeoutError as e:
+        print(f"avatarforcing train: {e}")
+        return 3
+    print(f"train {args.stage}: done; cumulative seconds per stage: {times}")
     return 0
 
 
@@ -236,12 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_missing("`serve` needs the real-time server (issue: server and browser client), "
                                     "not built yet"))
 
-    t = sub.add_parser("train", help="training stages: vae, teacher, ode-generate, ode, dmd, syncnet, recipe",
-                       description="Training (not built yet).")
-    t.add_argument("stage", choices=["vae", "teacher", "ode-generate", "ode", "dmd", "syncnet", "recipe"])
-    t.add_argument("rest", nargs=argparse.REMAINDER)
-    t.set_defaults(func=cmd_missing("`train` needs the training loop (issue: teacher, ODE backfill, DMD), "
-                                    "not built yet"))
+    t = sub.add_parser("train", help="training stages: vae, teacher, ode-generate, ode, dmd, recipe",
+                       description="Run the mini recipe up to a stage (earlier stages are resumed or reused). "
+                                   "Every stage checkpoints atomically in --out and resumes where it stopped.")
+    t.add_argument("stage", choices=["vae", "teacher", "ode-generate", "ode", "dmd", "recipe", "syncnet"])
+    t.add_argument("--corpus", default="data/corpus", help="corpus folder from `avatarforcing data synth`")
+    t.add_argument("--out", default="runs/mini", help="checkpoints, logs (JSONL) and intermediate data")
+    t.add_argument("--export", help="write the trained student + VAE as a model folder here (recipe)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--smoke", action="store_true", help="a few steps of every stage (end-to-end check)")
+    t.add_argument("--minutes", type=float, help="wall-clock budget; stops with a checkpoint, rerun to resume")
+    t.add_argument("--config", help="recipe overrides as YAML (fields of RecipeConfig)")
+    t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="metrics and the long-form benchmark",
                        description="Evaluation (not built yet).")
@@ -274,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=1)
     d.add_argument("--shard-size", type=int, default=16)
     d.add_argument("--preview", help="write a contact sheet PNG of the first clip here")
+    d.add_argument("--shards-only", action="store_true", help="skip the per-clip MP4/wav/PNG (training only)")
     d.set_defaults(func=cmd_data)
 
     c = sub.add_parser("convert", help="any supported checkpoint -> our safetensors + config.yaml",

@@ -194,22 +194,23 @@ def reference_frame(spec: ClipSpec, size: int = 128) -> np.ndarray:
 
 
 def _write_shard(args) -> list[dict]:
-    out, split, indices, seed, seconds, size, shard = args
-    from .video import VideoWriter
-
+    out, split, indices, seed, seconds, size, shard, clip_files = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     specs, all_frames, all_audio, gts = [], [], [], []
     for i in indices:
         spec, frames, audio, gt = make_clip(split, i, seed, seconds, size)
         d = Path(out) / "clips" / spec.name
         d.mkdir(parents=True, exist_ok=True)
-        with VideoWriter(d / "video.mp4", 25, audio) as w:
-            w.write(frames)
-        import soundfile as sf
+        if clip_files:  # playable MP4 + wav + reference portrait per clip (shards alone train the model)
+            import soundfile as sf
 
-        sf.write(d / "audio.wav", audio, 16000, subtype="PCM_16")
+            from .video import VideoWriter
+
+            with VideoWriter(d / "video.mp4", 25, audio) as w:
+                w.write(frames)
+            sf.write(d / "audio.wav", audio, 16000, subtype="PCM_16")
+            Image_save(d / "reference.png", reference_frame(spec, size))
         np.savez(d / "gt.npz", **gt)
-        Image_save(d / "reference.png", reference_frame(spec, size))
         (d / "meta.json").write_text(json.dumps(asdict(spec), indent=1))
         specs.append(asdict(spec))
         all_frames.append(frames)
@@ -232,7 +233,7 @@ def Image_save(path, arr):
 
 
 def synth(out: str | Path, clips: int, seconds: float, split: str = "train", seed: int = 0, size: int = 128,
-          workers: int = 1, shard_size: int = 16, progress: bool = True) -> dict:
+          workers: int = 1, shard_size: int = 16, progress: bool = True, clip_files: bool = True) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
@@ -241,7 +242,7 @@ def synth(out: str | Path, clips: int, seconds: float, split: str = "train", see
         raise ValueError(f"split must be one of {list(SPLITS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(str(out), split, list(range(s, min(clips, s + shard_size))), seed, seconds, size, k)
+    tasks = [(str(out), split, list(range(s, min(clips, s + shard_size))), seed, seconds, size, k, clip_files)
              for k, s in enumerate(range(0, clips, shard_size))]
     specs: list[dict] = []
     bar = tqdm(total=clips, unit="clip", desc=f"synth {split}", disable=not progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import ctypes.util
 import threading
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ class Speech:
 
 class _Engine:
     def __init__(self):
-        name = ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
+        # ESPEAK_NG_LIB / ESPEAK_DATA_PATH: a library and data unpacked somewhere other than the system paths
+        name = os.environ.get("ESPEAK_NG_LIB") or ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
         try:
             self.lib = ctypes.CDLL(name)
         except OSError:
@@ -73,7 +75,9 @@ class _Engine:
         """Initialise the library. It carries state from one utterance to the next, so output depends on
         what the process synthesised before: callers that need reproducible bytes use a fresh process
         per sequence of requests (see ``corpus.clip_speech``)."""
-        self.rate = self.lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, None, INITIALIZE_PHONEME_EVENTS)
+        data = os.environ.get("ESPEAK_DATA_PATH")  # the folder holding espeak-ng-data/
+        self.rate = self.lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode() if data else None,
+                                               INITIALIZE_PHONEME_EVENTS)
         if self.rate <= 0:
             raise AvatarForcingError("espeak-ng failed to initialise (is espeak-ng-data installed?)")
 

@@ -62,8 +62,8 @@ class SelfAttention(nn.Module):
         q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if prefix is not None:
             pk, pv, pcos, psin = prefix
-            k_r = torch.cat([apply_rope(pk, pcos, psin), k_r], dim=1)
-            v_all = torch.cat([pv, v], dim=1)
+            k_r = torch.cat([apply_rope(pk, pcos, psin).to(k_r.dtype), k_r], dim=1)
+            v_all = torch.cat([pv.to(v.dtype), v], dim=1)
         else:
             v_all = v
         return self.o(attention(q_r, k_r, v_all, mask)), k, v

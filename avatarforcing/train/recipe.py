@@ -64,10 +64,26 @@ class RecipeConfig:
     critic_lr: float = 1e-4
     critic_updates: int = 5
     seed: int = 0
+    # optional wall-clock budget per stage (minutes): the stage stops there and counts as done (a fixed-time
+    # run on a lent GPU); without it a stopped stage raises and resumes on the next run
+    stage_minutes: dict | None = None
 
 
 SMOKE = RecipeConfig(vae_steps=4, vae_batch=2, latent_clips=2, teacher_steps=4, teacher_batch=2, clip_latents=4,
                      ode_samples=2, ode_steps=4, ode_accum=1, dmd_steps=2, critic_updates=2)
+
+
+def _deadline(r: RecipeConfig, stage: str, deadline: float | None) -> tuple[float | None, bool]:
+    """(deadline for this stage, whether reaching it finishes the stage)."""
+    if r.stage_minutes and stage in r.stage_minutes:
+        return time.time() + 60 * float(r.stage_minutes[stage]), True
+    return deadline, False
+
+
+def _check_finished(tr: Trainer, steps: int, stage: str, budgeted: bool) -> dict:
+    if tr.step < steps and not budgeted:
+        raise TimeoutError(f"{stage}: stopped at the deadline; run the recipe again to resume")
+    return {"steps": tr.step, "planned_steps": steps}
 
 
 def _done(out: Path, stage: str) -> bool:
@@ -86,15 +102,15 @@ def stage_vae(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, device, dea
     ds = CorpusDataset(corpus, "train", window_frames=9, stride=4)
     tr = Trainer("vae", vae, out, LoopConfig(steps=r.vae_steps, lr=r.vae_lr, seed=r.seed, save_every=500,
                                             log_every=20), device)
+    deadline, budgeted = _deadline(r, "vae", deadline)
     tr.run(lambda step, micro, gen: vae_loss(vae, batch(ds, gen, r.vae_batch, device)["frames"]),
            deadline=deadline)
-    if tr.step < r.vae_steps:
-        raise TimeoutError("vae: stopped at the deadline; run the recipe again to resume")
+    steps = _check_finished(tr, r.vae_steps, "vae", budgeted)
     vae.eval()
     set_latent_stats(vae, ds, device)
     held = CorpusDataset(corpus, "heldout", window_frames=33, stride=200)
     scores = [psnr(vae, held[i]["frames"][None].to(device)) for i in range(min(16, len(held)))]
-    info = {"psnr_db": float(np.mean([s[0] for s in scores])), "mouth_psnr_db": float(np.mean([s[1] for s in scores])),
+    info = {**steps, "psnr_db": float(np.mean([s[0] for s in scores])), "mouth_psnr_db": float(np.mean([s[1] for s in scores])),
             "heldout_windows": len(scores)}
     from safetensors.torch import save_file
 
@@ -167,14 +183,14 @@ def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, de
         lat, rows = data.sample(gen, r.teacher_batch)
         return teacher_loss(tr.forward_model, cfg, lat, rows, gen, cfg.train.audio_dropout)
 
+    deadline, budgeted = _deadline(r, "teacher", deadline)
     tr.run(step, deadline=deadline)
-    if tr.step < r.teacher_steps:
-        raise TimeoutError("teacher: stopped at the deadline; run the recipe again to resume")
+    info = _check_finished(tr, r.teacher_steps, "teacher", budgeted)
     final = tr.trained()
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "teacher.safetensors"))
-    _mark(out, "teacher")
+    _mark(out, "teacher", info)
     teacher.load_state_dict(final.state_dict())
     return teacher.eval()
 
@@ -235,14 +251,14 @@ def stage_ode(out: Path, cfg: Config, r: RecipeConfig, ode_path: Path, teacher: 
                   "states": [traj[f"state{j}"][i:i + 1] for j in range(L)]}
         return ode_loss(tr.forward_model, cfg, sample, rng)
 
+    deadline, budgeted = _deadline(r, "ode", deadline)
     tr.run(step, deadline=deadline)
-    if tr.step < r.ode_steps:
-        raise TimeoutError("ode: stopped at the deadline; run the recipe again to resume")
+    info = _check_finished(tr, r.ode_steps, "ode", budgeted)
     from safetensors.torch import save_file
 
     final = tr.trained()
     save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "ode.student.safetensors"))
-    _mark(out, "ode")
+    _mark(out, "ode", info)
     student.load_state_dict(final.state_dict())
     return student
 
@@ -274,20 +290,25 @@ def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teache
         logs.update(clog)
         return loss, logs
 
+    deadline, budgeted = _deadline(r, "dmd", deadline)
     tr.run(step, deadline=deadline)
-    if tr.step < r.dmd_steps:
-        raise TimeoutError("dmd: stopped at the deadline; run the recipe again to resume")
+    info = _check_finished(tr, r.dmd_steps, "dmd", budgeted)
     from safetensors.torch import save_file
 
     final = tr.trained()
     save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "dmd.student.safetensors"))
-    _mark(out, "dmd")
+    _mark(out, "dmd", info)
     student.load_state_dict(final.state_dict())
     return student
 
 
 def export(out: Path, cfg: Config, student: AvatarDiT, vae: MiniVAE, dest: Path, dtype: str = "fp16") -> Path:
+    """The model folder: student (EMA) + teacher (the `teacher` baseline), fp16; the VAE in fp32."""
     save_model(student, cfg, dest, dtype=dtype)
+    if (out / "teacher.safetensors").exists():
+        teacher = AvatarDiT(cfg.model)
+        load_into(teacher, read_state_dict(out / "teacher.safetensors"), "teacher")
+        save_model(teacher, cfg, dest, dtype=dtype, name="teacher.safetensors")
     from safetensors.torch import save_file
 
     save_file({k: v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()},

@@ -274,13 +274,10 @@ def rollout_sample(student: AvatarDiT, cfg: Config, ref_lat: Tensor, rows: Tenso
     sampler = WindowSampler(student, cfg, ref_lat, gen)
     L = sampler.L
     k = int(rng.integers(L - 1, n_blocks)) if n_blocks > L - 1 else n_blocks - 1
-    x = None
     for i in range(k + 1):
         block_rows = rows[:, 1 + i * B: 1 + (i + 1) * B]
         sampler.push(block_rows, grad=(i == k))
-    x = sampler.last_x0
-    first = sampler.window[0].index if sampler.window else k
-    first = min(first, k - len(sampler.last_levels) + 1) if sampler.window else k
+    x = sampler.last_x0  # the window of that step: blocks lo..k
     lo = k - len(sampler.last_levels) + 1
     win_rows = rows[:, 1 + lo * B: 1 + (k + 1) * B]
     return x, win_rows
@@ -290,8 +287,7 @@ def critic_loss(critic: AvatarDiT, cfg: Config, ref_lat: Tensor, x: Tensor, rows
                 gen: torch.Generator) -> tuple[Tensor, dict]:
     """Flow matching of the fake score on (detached) student samples."""
     s = cfg.stream
-    sigma = float(sample_sigma(gen, 1, s.shift, s.num_train_timesteps and cfg.train.min_score_t / 1000,
-                               cfg.train.max_score_t / 1000))
+    sigma = float(sample_sigma(gen, 1, s.shift, cfg.train.min_score_t / 1000, cfg.train.max_score_t / 1000))
     eps = torch.randn(x.shape, generator=gen).to(x.device)
     x_t = add_noise(x, eps, sigma)
     f = x.shape[2] + 1

@@ -1,0 +1,146 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from avatarforcing.model import AvatarDiT
+from avatarforcing.stream.schedule import teacher_sigmas, window_sigmas
+from avatarforcing.stream.teacher import teacher_velocity
+from avatarforcing.train import stages
+from avatarforcing.train.loop import LoopConfig, Trainer, step_generator
+from avatarforcing.train.stages import dmd_generator_loss, ode_loss, teacher_sample
+
+from .test_stream import tiny_cfg
+
+
+def _toy_step(model):
+    def step(s, micro, gen):
+        x = torch.randn(4, 3, generator=gen)
+        y = x.sum(1, keepdim=True) * 0.5
+        loss = ((model(x) - y) ** 2).mean()
+        return loss, {"loss": loss.item()}
+    return step
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    def make(steps, out):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        return m, Trainer("toy", m, out, LoopConfig(steps=steps, lr=1e-2, ema_decay=0.9, save_every=100),
+                          torch.device("cpu"))
+
+    m_full, tr = make(8, tmp_path / "a")
+    tr.run(_toy_step(m_full), progress=False)
+    m_half, tr = make(3, tmp_path / "b")  # "killed" after step 3 (the checkpoint of step 3 is on disk)
+    tr.run(_toy_step(m_half), progress=False)
+    m_res, tr = make(8, tmp_path / "b")  # a new process resumes from the checkpoint
+    assert tr.step == 3
+    tr.run(_toy_step(m_res), progress=False)
+    for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list((tmp_path / "b").glob("*.tmp"))
+
+
+def test_ode_states_are_at_exactly_the_student_levels():
+    cfg = tiny_cfg(teacher_steps=20)
+    torch.manual_seed(0)
+    teacher = AvatarDiT(cfg.model).eval()
+    ref = torch.randn(1, 4, 1, 4, 4)
+    rows = torch.randn(1, 5, 4, 128)
+    levels = window_sigmas(tuple(cfg.stream.denoising_steps), cfg.stream.shift)
+    grid = teacher_sigmas(20, cfg.stream.shift)
+    idx = {lv: min(range(len(grid)), key=lambda i: abs(grid[i] - lv)) for lv in levels}
+    assert all(abs(grid[i] - lv) < 1e-9 for lv, i in idx.items())  # the grid contains the levels
+    clean, kept = teacher_sample(teacher, cfg, ref, rows, 4, torch.Generator().manual_seed(1), 20, 2.0, levels)
+    # independent Euler integration, recording every state
+    x = torch.randn((1, 4, 4, 4, 4), generator=torch.Generator().manual_seed(1))
+    states = []
+    is_ref = torch.tensor([True, False, False, False, False])
+    with torch.no_grad():
+        for s_now, s_next in zip(grid[:-1], grid[1:]):
+            states.append(x.clone())
+            t = torch.tensor([[0.0] + [s_now] * 4]) * 1000
+            v = teacher_velocity(teacher, teacher.condition(torch.cat([ref, x], 2), ref, is_ref), t,
+                                 torch.arange(5), rows, 2.0)
+            x = x + (s_next - s_now) * v[:, :, 1:]
+    assert set(kept) == set(levels)
+    for lv, i in idx.items():
+        assert torch.allclose(kept[lv], states[i])
+    assert torch.allclose(clean, x)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stage1_blocks_at_their_window_levels(seed, monkeypatch):
+    cfg = tiny_cfg(temporal_anchor_frames=1)
+    B, L = cfg.stream.block_frames, cfg.stream.window_blocks
+    n = 6 * B
+    sample = {"ref": torch.randn(1, 4, 1, 4, 4), "rows": torch.randn(1, 1 + n, 4, 128),
+              "clean": torch.randn(1, 4, n, 4, 4), "states": [torch.full((1, 4, n, 4, 4), float(j)) for j in range(L)]}
+    seen = {}
+
+    def fake_forward(model, cfg_, ref, prev, prev_rows, x, sig, rows):
+        seen.update(x=x, sig=sig, prev=prev)
+        return x * 0 + sig.view(1, 1, -1, 1, 1)
+
+    monkeypatch.setattr(stages, "window_forward", fake_forward)
+    levels = window_sigmas(tuple(cfg.stream.denoising_steps), cfg.stream.shift)
+    ode_loss(None, cfg, sample, np.random.default_rng(seed))
+    x, sig = seen["x"], seen["sig"]
+    for f in range(x.shape[2]):
+        j = int(x[0, 0, f, 0, 0])  # which stored level this frame was taken from
+        assert sig[f] == pytest.approx(levels[j])
+    lv = [int(x[0, 0, f, 0, 0]) for f in range(0, x.shape[2], B)]
+    assert lv == sorted(lv) and all(b - a == 1 for a, b in zip(lv, lv[1:]))  # oldest block least noisy
+
+
+def test_dmd_gradient_matches_hand_computation():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 3, 2, 2, requires_grad=True)
+    real, fake = torch.randn(1, 2, 3, 2, 2), torch.randn(1, 2, 3, 2, 2)
+    dmd_generator_loss(x, fake, real).backward()
+    g = (fake - real) / (x.detach() - real).abs().mean()
+    assert torch.allclose(x.grad, g / x.numel(), atol=1e-7)
+
+
+def _ddp_worker(rank, world, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 1)
+    tr = Trainer("ddp", m, out, LoopConfig(steps=3, lr=0.1, log_every=1, save_every=100), torch.device("cpu"))
+
+    def step(s, micro, gen):
+        g = step_generator(0, s)  # the global batch depends on the step only; each rank takes its share
+        x = torch.randn(8, 3, generator=g)[rank::world]
+        y = x.sum(1, keepdim=True)
+        loss = ((tr.forward_model(x) - y) ** 2).mean()
+        return loss, {"loss": loss.item()}
+
+    tr.run(step, progress=False)
+    if rank == 0:
+        torch.save([p.detach().clone() for p in m.parameters()], out / "params.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_equals_one_process(tmp_path):
+    import json
+
+    ctx = mp.get_context("spawn")
+    res = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        procs = [ctx.Process(target=_ddp_worker, args=(r, world, out, 29500 + world)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0
+        params = torch.load(out / "params.pt")
+        losses = [json.loads(line)["loss"] for line in (out / "ddp.jsonl").read_text().splitlines()]
+        res[world] = (params, losses)
+    assert np.allclose(res[1][1], res[2][1], atol=1e-6)
+    for a, b in zip(res[1][0], res[2][0]):
+        assert torch.allclose(a, b, atol=1e-6)
