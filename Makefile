@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 demo-speech: $(STAMP)
 	$(VENV)/bin/avatarforcing generate --model mini --identity demo \
-	    --audio assets/speech.mp3 --out out/demo_speech.mp4
+	    --audio avatarforcing/assets/demo/speech.mp3 --out out/demo_speech.mp4
 
 # every training stage on a tiny corpus, a few steps each (a few minutes on CPU); the student then streams
 smoke-train: $(STAMP)

@@ -41,8 +41,9 @@ def _sync(device: torch.device) -> None:
 
 class Avatar:
     def __init__(self, model: AvatarDiT, vae, cfg: Config, device: str | torch.device = "cpu",
-                 audio_model: str | Path | None = None):
+                 audio_model: str | Path | None = None, teacher: AvatarDiT | None = None):
         self.model, self.vae, self.cfg = model.eval(), vae.eval(), cfg
+        self.teacher = teacher.eval() if teacher is not None else None  # the multi-step baseline's weights
         self.device = torch.device(device)
         self.front_end = make_front_end(cfg.codec, audio_model)
         self.dtype = next(model.parameters()).dtype
@@ -65,7 +66,10 @@ class Avatar:
         vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim)
         load_into(vae, {k: v.float() for k, v in read_state_dict(path / "vae.safetensors").items()},
                   str(path / "vae.safetensors"))
-        return cls(model, vae.to(device), cfg, device, audio_model)
+        teacher = None
+        if (path / "teacher.safetensors").is_file():
+            teacher, _ = load_model(path, device, name="teacher.safetensors")
+        return cls(model, vae.to(device), cfg, device, audio_model, teacher)
 
     @classmethod
     def random(cls, cfg: Config | str = "mini", seed: int = 0, device: str = "cpu",
@@ -75,7 +79,7 @@ class Avatar:
         torch.manual_seed(seed)
         model = AvatarDiT(cfg.model).to(device, dtype)
         vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device, dtype)
-        return cls(model, vae, cfg, device)
+        return cls(model, vae, cfg, device, teacher=model)
 
     # ------------------------------------------------------------------ use
 
@@ -130,7 +134,9 @@ class Session:
             self.decoder = avatar.vae.stream_decoder()
             self.decoder.decode(ref_latent)  # primes the causal decoder with latent frame 0 (not output)
         if mode == "teacher":
-            self.sampler = TeacherSampler(avatar.model, self.cfg, ref_latent, gen)
+            if avatar.teacher is None:
+                raise InputError("mode 'teacher' needs teacher weights (teacher.safetensors in the model folder)")
+            self.sampler = TeacherSampler(avatar.teacher, self.cfg, ref_latent, gen)
         elif mode == "ar":
             self.sampler = WindowSampler(avatar.model, self.cfg, ref_latent, gen, options, window_blocks=1,
                                          denoising_steps=(self.cfg.stream.num_train_timesteps,))

@@ -5,7 +5,7 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "assets")
+ASSETS = os.path.join(os.path.dirname(__file__), "..", "avatarforcing", "assets")
 
 
 @pytest.fixture

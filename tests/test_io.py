@@ -13,7 +13,7 @@ from avatarforcing.data.image import fit_size, load_image, prepare_image
 from avatarforcing.data.video import VideoWriter, read_video
 from avatarforcing.errors import ConfigError, InputError
 
-SPEECH = os.path.join(os.path.dirname(__file__), "..", "assets", "speech.mp3")
+SPEECH = os.path.join(os.path.dirname(__file__), "..", "avatarforcing", "assets", "demo", "speech.mp3")
 
 
 def _tone_db(x, rate, freq):
