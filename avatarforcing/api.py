@@ -168,9 +168,14 @@ class Session:
         return {"lookahead_ms": self.lookahead_ms, "compute_ms_per_step": compute,
                 "total_ms": self.lookahead_ms + (compute or 0.0)}
 
-    def push(self, pcm) -> list[np.ndarray]:
+    def push(self, pcm, sample_rate: int | None = None) -> list[np.ndarray]:
+        """Feed float32 mono PCM at the model's rate (16 kHz); returns the frames that became ready."""
         if self.closed:
             raise InputError("session is closed")
+        want = self.cfg.codec.sample_rate
+        if sample_rate is not None and sample_rate != want:
+            raise InputError(f"audio chunk at {sample_rate} Hz; this model takes {want} Hz mono "
+                             f"(resample with avatarforcing.data.audio.resample)")
         x = check_pcm(pcm, "audio chunk")
         if self._t_first_audio is None and len(x):
             self._t_first_audio = time.perf_counter()

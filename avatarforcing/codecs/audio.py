@@ -152,8 +152,18 @@ class Wav2Vec2FrontEnd:
         feats = self.model.feature_extractor(x[None].to(self.device))  # [1, C, T']
         feats = torch.nn.functional.interpolate(feats, size=n_frames, mode="linear", align_corners=True)
         hidden, _ = self.model.feature_projection(feats.transpose(1, 2))
-        out = self.model.encoder(hidden, output_hidden_states=True)
-        rows = torch.cat([out.last_hidden_state, *out.hidden_states], dim=-1)
+        # hidden states as transformers reports them: the input of layer 0, then every layer's output
+        states: list[Tensor] = []
+        layers = self.model.encoder.layers
+        hooks = [layers[0].register_forward_pre_hook(lambda m, args: states.append(args[0]))]
+        hooks += [layer.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple)
+                                                                             else out)) for layer in layers]
+        try:
+            last = self.model.encoder(hidden).last_hidden_state
+        finally:
+            for h in hooks:
+                h.remove()
+        rows = torch.cat([last, *states], dim=-1)
         return rows[0].float().cpu()
 
     def offline(self, pcm: np.ndarray | Tensor) -> Tensor:
