@@ -205,7 +205,12 @@ def cmd_train(args) -> int:
     from .train.recipe import SMOKE, RecipeConfig, run_recipe
 
     if args.stage == "syncnet":
-        raise Missing("`train syncnet` needs the evaluation kit (issue: metrics, long-form benchmark), not built yet")
+        from .eval.nets import EVAL_WEIGHTS, train_eval_nets
+
+        meta = train_eval_nets(args.corpus, args.export or EVAL_WEIGHTS, steps=30 if args.smoke else 1500,
+                               device=args.device)
+        print(f"eval nets (SyncNet-style, mouth reader, identity): {meta}")
+        return 0
     order = ["vae", "latents", "teacher", "ode-gen", "ode", "dmd", "export"]
     last = {"vae": "vae", "teacher": "teacher", "ode-generate": "ode-gen", "ode": "ode", "dmd": "dmd",
             "recipe": "export"}[args.stage]
@@ -223,6 +228,46 @@ def cmd_train(args) -> int:
         print(f"avatarforcing train: {e}")
         return 3
     print(f"train {args.stage}: done; cumulative seconds per stage: {times}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .eval.nets import EVAL_WEIGHTS
+
+    nets_dir = args.eval_nets or EVAL_WEIGHTS
+    if args.what == "longform":
+        from .eval.longform import markdown_table, run_longform
+
+        res = run_longform(args.model, args.clips, args.frames, [m for m in args.modes.split(",") if m],
+                           args.json, args.report, eval_nets=nets_dir, device=args.device)
+        print(markdown_table(res))
+        return 0
+    if not args.video:
+        raise AvatarForcingError("eval video needs --video FILE.mp4")
+    import numpy as np
+
+    from .data.audio import load_audio
+    from .data.image import load_image
+    from .data.video import read_video
+    from .eval.metrics import evaluate_video
+    from .eval.nets import load_eval_nets
+
+    frames, fps, own_audio = read_video(args.video)
+    if abs(fps - 25) > 0.01:
+        raise AvatarForcingError(f"{args.video}: {fps:.2f} fps; the metrics expect 25 fps")
+    audio = load_audio(args.audio) if args.audio else own_audio
+    if audio is None:
+        raise AvatarForcingError(f"{args.video}: no audio track; pass --audio")
+    ref = None
+    if args.reference:
+        ref = np.asarray(load_image(args.reference).resize(frames.shape[2:0:-1]))
+    res = evaluate_video(load_eval_nets(nets_dir), frames, audio, ref)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
     return 0
 
 
@@ -280,11 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="metrics and the long-form benchmark",
-                       description="Evaluation (not built yet).")
+                       description="longform: every mode/ablation on the same held-out clips -> JSON, markdown, "
+                                   "PNG drift curves. video: the same metrics on any MP4 (with its audio).")
     e.add_argument("what", choices=["longform", "video"])
-    e.add_argument("rest", nargs=argparse.REMAINDER)
-    e.set_defaults(func=cmd_missing("`eval` needs the evaluation kit (issue: metrics, long-form benchmark), "
-                                    "not built yet"))
+    e.add_argument("--model", default="mini")
+    e.add_argument("--clips", type=int, default=400)
+    e.add_argument("--frames", type=int, default=400)
+    e.add_argument("--modes", default="avatarforcing,ar,teacher,shuffled,no-style-anchor,no-rope-reindex,"
+                                      "no-audio-zero-pad,no-temporal-anchor")
+    e.add_argument("--json", help="write the JSON result here")
+    e.add_argument("--report", help="folder for report.md and the PNG plots")
+    e.add_argument("--eval-nets", help="folder with eval_nets.safetensors (default: the shipped ones)")
+    e.add_argument("--video", help="eval video: the MP4 to score")
+    e.add_argument("--audio", help="eval video: the speech (default: the MP4's own audio track)")
+    e.add_argument("--reference", help="eval video: the reference portrait (for identity drift)")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="speed benchmarks (JSON)",
                        description="speed: the streaming engine (DiT + VAE) per step; codec: VAE decode rate.")

@@ -1,0 +1,112 @@
+"""Video metrics: lip sync against ground truth, SyncNet-style Sync-C / Sync-D, identity drift, colour
+drift, temporal flicker. Inputs: uint8 frames [T, H, W, 3] at 25 fps and float32 16 kHz audio."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..codecs.audio import MelFrontEnd
+from ..config import preset
+from .nets import face_crop, mouth_crop, sync_scores
+
+FPS = 25
+
+
+def _tensor(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(frames, np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """uint8 sRGB [..., 3] -> CIE Lab (D65) [..., 3]."""
+    c = rgb.astype(np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _seconds(n: int) -> list[slice]:
+    return [slice(s, min(n, s + FPS)) for s in range(0, n, FPS)]
+
+
+def colour_drift(frames: np.ndarray) -> dict:
+    """Per second: |mean Lab - mean Lab of the first second| for the face region and the background."""
+    h, w = frames.shape[1:3]
+    face = (slice(int(0.25 * h), int(0.75 * h)), slice(int(0.3 * w), int(0.7 * w)))
+    bg = (slice(0, int(0.12 * h)), slice(0, int(0.15 * w)))
+    out = {}
+    for name, (ys, xs) in (("face", face), ("background", bg)):
+        per = [srgb_to_lab(frames[s, ys, xs]).reshape(-1, 3).mean(0) for s in _seconds(len(frames))]
+        out[name] = [float(np.linalg.norm(p - per[0])) for p in per]
+    return out
+
+
+def flicker(frames: np.ndarray) -> list[float]:
+    """Per second: mean absolute difference between consecutive frames (0..255 scale), after 4x4 pooling."""
+    f = frames.astype(np.float32)
+    t, h, w, _ = f.shape
+    f = f[:, : h // 4 * 4, : w // 4 * 4].reshape(t, h // 4, 4, w // 4, 4, 3).mean((2, 4))
+    d = np.abs(np.diff(f, axis=0)).mean((1, 2, 3))
+    d = np.concatenate([[d[0] if len(d) else 0.0], d])
+    return [float(d[s].mean()) for s in _seconds(t)]
+
+
+@torch.no_grad()
+def mouth_readings(nets, frames: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(opening/width/rounding [T, 3], viseme [T]) read from the pixels."""
+    regs, vis = [], []
+    for i in range(0, len(frames), batch):
+        r, logits = nets["reader"](mouth_crop(_tensor(frames[i:i + batch])))
+        regs.append(r.numpy())
+        vis.append(logits.argmax(-1).numpy())
+    return np.concatenate(regs), np.concatenate(vis)
+
+
+def lip_sync(nets, frames: np.ndarray, gt: dict) -> dict:
+    """Pearson r between the mouth opening read from pixels and the ground truth; viseme accuracy."""
+    reg, vis = mouth_readings(nets, frames)
+    n = min(len(reg), len(gt["opening"]))
+    r = float(np.corrcoef(reg[:n, 0], np.asarray(gt["opening"][:n]))[0, 1])
+    acc = float((vis[:n] == np.asarray(gt["viseme"][:n])).mean())
+    return {"lipsync_r": r, "viseme_acc": acc}
+
+
+@torch.no_grad()
+def identity_drift(nets, frames: np.ndarray, reference: np.ndarray) -> list[float]:
+    """Per second: cosine distance between the mean identity embedding of that second and the reference's."""
+    ref = nets["ident"].embed(face_crop(_tensor(reference[None])))[0]
+    out = []
+    for s in _seconds(len(frames)):
+        e = nets["ident"].embed(face_crop(_tensor(frames[s]))).mean(0)
+        out.append(float(1 - torch.nn.functional.cosine_similarity(e, ref, dim=0)))
+    return out
+
+
+def sync(nets, frames: np.ndarray, audio: np.ndarray) -> dict:
+    fe = MelFrontEnd(preset("mini").codec)
+    rows = fe.offline(audio)
+    n = min(len(rows), len(frames))
+    crops = mouth_crop(_tensor(frames[:n]))
+    return sync_scores(nets["sync"], crops, rows[:n])
+
+
+def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.ndarray | None = None,
+                   gt: dict | None = None) -> dict:
+    """All metrics of one video. Scalars plus per-second curves (``curves``)."""
+    res: dict = {"frames": int(len(frames))}
+    res.update(sync(nets, frames, audio))
+    if gt is not None:
+        res.update(lip_sync(nets, frames, gt))
+    curves = {"colour_drift_face": colour_drift(frames)["face"],
+              "colour_drift_background": colour_drift(frames)["background"], "flicker": flicker(frames)}
+    if reference is not None:
+        curves["identity_drift"] = identity_drift(nets, frames, reference)
+    res["curves"] = curves
+    for k, v in curves.items():
+        first = v[: min(len(v), 60)]  # the first minute
+        res[f"{k}_end"] = float(np.mean(v[-3:]))
+        res[f"{k}_first_minute"] = float(np.mean(first))
+        res[f"{k}_first_minute_std"] = float(np.std(first))
+    return res
