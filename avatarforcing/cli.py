@@ -271,6 +271,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.app import serve
+
+    serve(args.model, args.host, args.port, args.max_sessions, args.device)
+    return 0
+
+
 def cmd_missing(what: str):
     def run(args) -> int:
         raise Missing(what)
@@ -303,13 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_stream)
 
     v = sub.add_parser("serve", help="real-time WebSocket server and browser page",
-                       description="FastAPI + uvicorn server (not built yet).")
+                       description="FastAPI + uvicorn: WebSocket /ws (docs/protocol.md), the browser page at /, "
+                                   "/healthz and /metrics (Prometheus).")
     v.add_argument("--model", default="mini")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-sessions", type=int, default=4)
-    v.set_defaults(func=cmd_missing("`serve` needs the real-time server (issue: server and browser client), "
-                                    "not built yet"))
+    v.add_argument("--device", default="cpu")
+    v.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("train", help="training stages: vae, teacher, ode-generate, ode, dmd, recipe",
                        description="Run the mini recipe up to a stage (earlier stages are resumed or reused). "
