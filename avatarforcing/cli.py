@@ -128,7 +128,9 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(text + "\n")
     else:
-        raise Missing("`bench serve` needs the real-time server (issue: server and browser client), not built yet")
+        from .serve.bench import bench_serve
+
+        bench_serve(args.model, [int(x) for x in args.sessions.split(",")], args.seconds, args.json)
     return 0
 
 
@@ -351,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="speed benchmarks (JSON)",
-                       description="speed: the streaming engine (DiT + VAE) per step; codec: VAE decode rate.")
+                       description="speed: the streaming engine (DiT + VAE) per step; codec: VAE decode rate; "
+                                   "serve: load test of the server on 127.0.0.1 with real-time clients.")
     b.add_argument("what", choices=["speed", "codec", "serve"])
     b.add_argument("--model", default="mini", choices=["mini", "wan-1.3b"])
     b.add_argument("--frames", type=int, default=1000)
@@ -359,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     b.add_argument("--json", help="write the JSON result here")
+    b.add_argument("--sessions", default="1,2,4", help="bench serve: concurrent sessions to try, in turn")
+    b.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds of audio per session")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("data", help="synthetic talking-head corpus: synth | identities",

@@ -1,0 +1,93 @@
+"""``avatarforcing bench serve``: a bounded load test on 127.0.0.1 (server + S real-time clients in one run)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _client(url: str, seconds: float, out: dict) -> None:
+    from .client import AvatarClient
+
+    rate, chunk = 16000, 1600  # 100 ms chunks sent at real-time pace
+    t = np.arange(int(rate * seconds)) / rate
+    pcm = (0.3 * np.sin(2 * np.pi * 200 * t) * (np.sin(2 * np.pi * 2 * t) > 0)).astype(np.float32)
+    sent_at: list[float] = []
+    t0 = time.perf_counter()
+
+    def chunks():
+        for i in range(0, len(pcm), chunk):
+            target = t0 + i / rate
+            time.sleep(max(0.0, target - time.perf_counter()))
+            sent_at.append(time.perf_counter())
+            yield pcm[i:i + chunk]
+
+    cl = AvatarClient(url)
+    arrivals = []
+    try:
+        for f in cl.stream(chunks(), identity="demo"):
+            arrivals.append((f.index, time.perf_counter()))
+    except RuntimeError as e:
+        out["error"] = str(e)
+        return
+    look = (cl.ready or {}).get("lookahead_ms", 0) / 1000
+    lat = []
+    for idx, ta in arrivals:  # frame idx needs audio up to (idx + 1)/25 s + look-ahead
+        need = (idx + 1) / 25 + look
+        k = min(len(sent_at) - 1, int(need * rate / chunk))
+        lat.append(1000 * (ta - sent_at[k]))
+    dur = arrivals[-1][1] - arrivals[0][1] if len(arrivals) > 1 else float("nan")
+    out.update(frames=len(arrivals), fps=(len(arrivals) - 1) / dur if dur == dur and dur > 0 else None,
+               latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p95=float(np.percentile(lat, 95)))
+
+
+def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: float = 10.0,
+                json_path: str | None = None) -> list[dict]:
+    import uvicorn
+
+    from ..api import Avatar
+    from .app import Limits, create_app
+
+    avatar = Avatar.load(model)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(avatar, Limits(max_sessions=max(sessions))),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    results = []
+    try:
+        for s in sessions:
+            outs = [{} for _ in range(s)]
+            threads = [threading.Thread(target=_client, args=(f"ws://127.0.0.1:{port}/ws", seconds, o)) for o in outs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            ok = [o for o in outs if "fps" in o and o["fps"]]
+            results.append({"sessions": s, "seconds": seconds, "ok": len(ok),
+                            "fps_per_session": [round(o["fps"], 1) for o in ok],
+                            "latency_ms_p50": float(np.median([o["latency_ms_p50"] for o in ok])) if ok else None,
+                            "latency_ms_p95": float(np.max([o["latency_ms_p95"] for o in ok])) if ok else None,
+                            "errors": [o["error"] for o in outs if "error" in o]})
+            print(json.dumps(results[-1]), flush=True)
+    finally:
+        server.should_exit = True
+        th.join(10)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
