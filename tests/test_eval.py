@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from avatarforcing.data.corpus import make_clip, reference_frame
+from avatarforcing.data.corpus import make_clip
 from avatarforcing.eval.longform import run_longform, write_report
 from avatarforcing.eval.metrics import colour_drift, flicker, lip_sync, sync
 from avatarforcing.eval.nets import load_eval_nets

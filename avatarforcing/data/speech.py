@@ -8,9 +8,9 @@ one process are serialised by a lock; use processes for parallelism.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import hashlib
 import os
-import ctypes.util
 import threading
 from dataclasses import dataclass
 

@@ -71,7 +71,8 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
               for m, rs in per_mode.items()}
     result = {"model": str(model), "clips": clips, "frames": frames, "seed": seed, "modes": modes,
               "feature_extractors": {"sync": "corpus-trained SyncNet-style (assets/eval)",
-                                     "lipsync": "corpus-trained mouth reader", "identity": "corpus-trained IdentityNet"},
+                                     "lipsync": "corpus-trained mouth reader",
+                                     "identity": "corpus-trained IdentityNet"},
               "summary": summary, "curves_per_second": curves,
               "clips_detail": {m: [{k: v for k, v in r.items() if k != "curves"} for r in rs]
                                for m, rs in per_mode.items()}}

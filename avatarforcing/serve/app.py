@@ -180,7 +180,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
     async def _receive(ws: WebSocket) -> dict:
         try:
             msg = await asyncio.wait_for(ws.receive(), timeout=limits.idle_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ClientError("idle_timeout", f"no message for {limits.idle_timeout_s:.0f} s") from None
         if msg["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(msg.get("code", 1000))
@@ -238,7 +238,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
                     payload = FRAME_HEADER.pack(sent, sent / c.fps) + _encode_jpeg(f, limits.jpeg_quality)
                     try:
                         await asyncio.wait_for(ws.send_bytes(payload), timeout=limits.send_timeout_s)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         raise ClientError("slow_consumer", "client stopped reading frames") from None
                     sent += 1
                     metrics.frames_total += 1

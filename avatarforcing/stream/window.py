@@ -142,8 +142,8 @@ class WindowSampler:
         flags = torch.full((f,), is_ref, dtype=torch.bool, device=x.device)
         x_in = self.model.condition(x, self.reference, flags)
         self.trace.model_calls += 1
-        return self.model(x_in, (sig.float() * self.T).view(1, f), pos, audio=audio, context=self.context, prefix=prefix,
-                          return_kv=return_kv)
+        t = (sig.float() * self.T).view(1, f)
+        return self.model(x_in, t, pos, audio=audio, context=self.context, prefix=prefix, return_kv=return_kv)
 
     def _write_anchor(self, first_audio: Tensor | None) -> None:
         audio = None

@@ -86,6 +86,21 @@ def _check_finished(tr: Trainer, steps: int, stage: str, budgeted: bool) -> dict
     return {"steps": tr.step, "planned_steps": steps}
 
 
+def _train_stage(tr: Trainer, step_fn, r: RecipeConfig, stage: str, steps: int, out: Path, weights: str,
+                 module: torch.nn.Module, deadline: float | None) -> torch.nn.Module:
+    """Run a stage's loop, then save its final (EMA) weights, mark it done and load them into ``module``."""
+    from safetensors.torch import save_file
+
+    deadline, budgeted = _deadline(r, stage, deadline)
+    tr.run(step_fn, deadline=deadline)
+    info = _check_finished(tr, steps, stage, budgeted)
+    final = tr.trained()
+    save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / weights))
+    _mark(out, stage, info)
+    module.load_state_dict(final.state_dict())
+    return module
+
+
 def _done(out: Path, stage: str) -> bool:
     return (out / f"{stage}.done").exists()
 
@@ -110,7 +125,8 @@ def stage_vae(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, device, dea
     set_latent_stats(vae, ds, device)
     held = CorpusDataset(corpus, "heldout", window_frames=33, stride=200)
     scores = [psnr(vae, held[i]["frames"][None].to(device)) for i in range(min(16, len(held)))]
-    info = {**steps, "psnr_db": float(np.mean([s[0] for s in scores])), "mouth_psnr_db": float(np.mean([s[1] for s in scores])),
+    info = {**steps, "psnr_db": float(np.mean([s[0] for s in scores])),
+            "mouth_psnr_db": float(np.mean([s[1] for s in scores])),
             "heldout_windows": len(scores)}
     from safetensors.torch import save_file
 
@@ -183,16 +199,8 @@ def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, de
         lat, rows = data.sample(gen, r.teacher_batch)
         return teacher_loss(tr.forward_model, cfg, lat, rows, gen, cfg.train.audio_dropout)
 
-    deadline, budgeted = _deadline(r, "teacher", deadline)
-    tr.run(step, deadline=deadline)
-    info = _check_finished(tr, r.teacher_steps, "teacher", budgeted)
-    final = tr.trained()
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "teacher.safetensors"))
-    _mark(out, "teacher", info)
-    teacher.load_state_dict(final.state_dict())
-    return teacher.eval()
+    return _train_stage(tr, step, r, "teacher", r.teacher_steps, out, "teacher.safetensors", teacher,
+                        deadline).eval()
 
 
 @torch.no_grad()
@@ -251,16 +259,7 @@ def stage_ode(out: Path, cfg: Config, r: RecipeConfig, ode_path: Path, teacher: 
                   "states": [traj[f"state{j}"][i:i + 1] for j in range(L)]}
         return ode_loss(tr.forward_model, cfg, sample, rng)
 
-    deadline, budgeted = _deadline(r, "ode", deadline)
-    tr.run(step, deadline=deadline)
-    info = _check_finished(tr, r.ode_steps, "ode", budgeted)
-    from safetensors.torch import save_file
-
-    final = tr.trained()
-    save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "ode.student.safetensors"))
-    _mark(out, "ode", info)
-    student.load_state_dict(final.state_dict())
-    return student
+    return _train_stage(tr, step, r, "ode", r.ode_steps, out, "ode.student.safetensors", student, deadline)
 
 
 def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teacher: AvatarDiT,
@@ -290,16 +289,7 @@ def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teache
         logs.update(clog)
         return loss, logs
 
-    deadline, budgeted = _deadline(r, "dmd", deadline)
-    tr.run(step, deadline=deadline)
-    info = _check_finished(tr, r.dmd_steps, "dmd", budgeted)
-    from safetensors.torch import save_file
-
-    final = tr.trained()
-    save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "dmd.student.safetensors"))
-    _mark(out, "dmd", info)
-    student.load_state_dict(final.state_dict())
-    return student
+    return _train_stage(tr, step, r, "dmd", r.dmd_steps, out, "dmd.student.safetensors", student, deadline)
 
 
 def export(out: Path, cfg: Config, student: AvatarDiT, vae: MiniVAE, dest: Path, dtype: str = "fp16") -> Path:

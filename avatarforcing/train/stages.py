@@ -21,7 +21,6 @@ from ..stream.schedule import add_noise, shift_sigma, teacher_sigmas, window_sig
 from ..stream.teacher import teacher_velocity
 from ..stream.window import WindowSampler
 
-
 # ---------------------------------------------------------------------------- data
 
 
@@ -110,24 +109,33 @@ def psnr(vae: MiniVAE, frames: Tensor) -> tuple[float, float]:
 # ---------------------------------------------------------------------------- teacher
 
 
+def clip_input(model: AvatarDiT, cfg: Config, ref_lat: Tensor, x: Tensor, sigma: Tensor | float):
+    """[reference (clean, t=0) | x (at sigma)] as the bidirectional models see a clip: (input, t, positions).
+
+    sigma: a float, or a tensor [B] (one level per sample)."""
+    b, _, n, _, _ = x.shape
+    f = n + 1
+    dev = x.device
+    is_ref = torch.zeros(f, dtype=torch.bool, device=dev)
+    is_ref[0] = True
+    sig = torch.as_tensor(sigma, dtype=torch.float32, device=dev).reshape(-1, 1).expand(b, n)
+    t = torch.cat([torch.zeros(b, 1, device=dev), sig], 1) * cfg.stream.num_train_timesteps
+    seq = torch.cat([ref_lat.expand(b, -1, -1, -1, -1), x], 2)
+    return model.condition(seq, ref_lat, is_ref), t, torch.arange(f, device=dev)
+
+
 def teacher_loss(model: AvatarDiT, cfg: Config, lat: Tensor, rows: Tensor, gen: torch.Generator,
                  audio_dropout: float) -> tuple[Tensor, dict]:
     """Flow matching over a clip: frame 0 is the clean reference, frames 1.. share one noise level."""
-    b, c, f, h, w = lat.shape
-    s = cfg.stream
-    sigma = sample_sigma(gen, b, s.shift).to(lat.device)
+    b = lat.shape[0]
+    sigma = sample_sigma(gen, b, cfg.stream.shift).to(lat.device)
     eps = torch.randn(lat.shape, generator=gen).to(lat.device)
     keep = (torch.rand(b, generator=gen) >= audio_dropout).float().to(lat.device)
-    rows = rows * keep.view(b, 1, 1, 1)
-    x_t = lat.clone()
-    sig = sigma.view(b, 1, 1, 1, 1)
-    x_t[:, :, 1:] = add_noise(lat[:, :, 1:], eps[:, :, 1:], sig)
-    t = torch.cat([torch.zeros(b, 1, device=lat.device), sigma[:, None].expand(b, f - 1)], 1) * s.num_train_timesteps
-    is_ref = torch.zeros(f, dtype=torch.bool, device=lat.device)
-    is_ref[0] = True
-    v = model(model.condition(x_t, lat[:, :, :1], is_ref), t, torch.arange(f, device=lat.device), audio=rows)
-    target = eps - lat
-    loss = F.mse_loss(v[:, :, 1:].float(), target[:, :, 1:].float())
+    x0 = lat[:, :, 1:]
+    x_t = add_noise(x0, eps[:, :, 1:], sigma.view(b, 1, 1, 1, 1))
+    x_in, t, pos = clip_input(model, cfg, lat[:, :, :1], x_t, sigma)
+    v = model(x_in, t, pos, audio=rows * keep.view(b, 1, 1, 1))
+    loss = F.mse_loss(v[:, :, 1:].float(), (eps[:, :, 1:] - x0).float())
     return loss, {"loss": loss.item()}
 
 
@@ -140,19 +148,13 @@ def teacher_sample(model: AvatarDiT, cfg: Config, ref_lat: Tensor, rows: Tensor,
     b, c, _, h, w = ref_lat.shape
     grid = teacher_sigmas(steps, cfg.stream.shift)
     x = torch.randn((b, c, n_frames, h, w), generator=gen).to(ref_lat.device)
-    f = n_frames + 1
-    is_ref = torch.zeros(f, dtype=torch.bool, device=ref_lat.device)
-    is_ref[0] = True
-    pos = torch.arange(f, device=ref_lat.device)
     kept = {}
     for s_now, s_next in zip(grid[:-1], grid[1:]):
         for lv in keep_levels or []:
             if abs(lv - s_now) < 1e-6:
                 kept[lv] = x.clone()
-        seq = torch.cat([ref_lat, x], 2)
-        t = torch.cat([torch.zeros(b, 1), torch.full((b, n_frames), s_now)], 1).to(ref_lat.device)
-        v = teacher_velocity(model, model.condition(seq, ref_lat, is_ref), t * cfg.stream.num_train_timesteps,
-                             pos, rows, guidance)
+        x_in, t, pos = clip_input(model, cfg, ref_lat, x, s_now)
+        v = teacher_velocity(model, x_in, t, pos, rows, guidance)
         x = x + (s_next - s_now) * v[:, :, 1:]
     return x, kept
 
@@ -251,15 +253,9 @@ def dmd_generator_loss(x: Tensor, fake_x0: Tensor, real_x0: Tensor) -> Tensor:
 def score_x0(model: AvatarDiT, cfg: Config, ref_lat: Tensor, x_t: Tensor, sigma: float, rows: Tensor,
              guidance: float) -> Tensor:
     """x0 prediction of a bidirectional score model for [reference | x_t] (CFG on audio if guidance != 1)."""
-    f = x_t.shape[2] + 1
-    dev = x_t.device
-    is_ref = torch.zeros(f, dtype=torch.bool, device=dev)
-    is_ref[0] = True
-    seq = torch.cat([ref_lat, x_t], 2)
-    t = torch.cat([torch.zeros(1), torch.full((f - 1,), sigma)]).to(dev).view(1, f) * cfg.stream.num_train_timesteps
-    rows_full = torch.cat([torch.zeros_like(rows[:, :1]), rows], 1)
-    v = teacher_velocity(model, model.condition(seq, ref_lat, is_ref), t, torch.arange(f, device=dev),
-                         rows_full, guidance)
+    x_in, t, pos = clip_input(model, cfg, ref_lat, x_t, sigma)
+    rows_full = torch.cat([torch.zeros_like(rows[:, :1]), rows], 1)  # the reference's zero audio row
+    v = teacher_velocity(model, x_in, t, pos, rows_full, guidance)
     return x_t - sigma * v[:, :, 1:]
 
 
@@ -290,14 +286,8 @@ def critic_loss(critic: AvatarDiT, cfg: Config, ref_lat: Tensor, x: Tensor, rows
     sigma = float(sample_sigma(gen, 1, s.shift, cfg.train.min_score_t / 1000, cfg.train.max_score_t / 1000))
     eps = torch.randn(x.shape, generator=gen).to(x.device)
     x_t = add_noise(x, eps, sigma)
-    f = x.shape[2] + 1
-    dev = x.device
-    is_ref = torch.zeros(f, dtype=torch.bool, device=dev)
-    is_ref[0] = True
-    t = torch.cat([torch.zeros(1), torch.full((f - 1,), sigma)]).to(dev).view(1, f) * s.num_train_timesteps
-    rows_full = torch.cat([torch.zeros_like(rows[:, :1]), rows], 1)
-    v = critic(critic.condition(torch.cat([ref_lat, x_t], 2), ref_lat, is_ref), t, torch.arange(f, device=dev),
-               audio=rows_full)
+    x_in, t, pos = clip_input(critic, cfg, ref_lat, x_t, sigma)
+    v = critic(x_in, t, pos, audio=torch.cat([torch.zeros_like(rows[:, :1]), rows], 1))
     loss = F.mse_loss(v[:, :, 1:].float(), (eps - x).float())
     return loss, {"critic_loss": loss.item()}
 
