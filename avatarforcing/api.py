@@ -61,15 +61,23 @@ class Avatar:
             raise InputError(f"{name_or_path}: no such model folder, and no shipped model of that name "
                              f"(shipped: {shipped or 'none yet: the trained mini model is not in this build'})")
         model, cfg = load_model(path, device)
-        if cfg.codec.vae != "mini":
-            raise InputError(f"{path}: codec.vae={cfg.codec.vae!r}; the Wan VAE engine path is not built yet")
-        vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim)
-        load_into(vae, {k: v.float() for k, v in read_state_dict(path / "vae.safetensors").items()},
-                  str(path / "vae.safetensors"))
+        if cfg.codec.vae == "wan":  # a diffusers `vae/` folder or the original Wan2.1_VAE.pth beside the model
+            from .codecs.wan_vae import WanVAE
+
+            src = next((p for p in (path / "vae", path / "Wan2.1_VAE.pth") if p.exists()), None)
+            if src is None:
+                raise InputError(f"{path}: a wan model folder needs its VAE as {path / 'vae'}/ (diffusers) or "
+                                 f"{path / 'Wan2.1_VAE.pth'}")
+            vae = WanVAE.load(src, device)
+        else:
+            vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim)
+            load_into(vae, {k: v.float() for k, v in read_state_dict(path / "vae.safetensors").items()},
+                      str(path / "vae.safetensors"))
+            vae = vae.to(device)
         teacher = None
         if (path / "teacher.safetensors").is_file():
             teacher, _ = load_model(path, device, name="teacher.safetensors")
-        return cls(model, vae.to(device), cfg, device, audio_model, teacher)
+        return cls(model, vae, cfg, device, audio_model, teacher)
 
     @classmethod
     def random(cls, cfg: Config | str = "mini", seed: int = 0, device: str = "cpu",

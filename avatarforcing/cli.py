@@ -243,7 +243,8 @@ def cmd_eval(args) -> int:
         from .eval.longform import markdown_table, run_longform
 
         res = run_longform(args.model, args.clips, args.frames, [m for m in args.modes.split(",") if m],
-                           args.json, args.report, eval_nets=nets_dir, device=args.device)
+                           args.json, args.report, eval_nets=nets_dir, device=args.device,
+                           fid_extractor=args.fid_extractor)
         print(markdown_table(res))
         return 0
     if not args.video:
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", help="eval video: the MP4 to score")
     e.add_argument("--audio", help="eval video: the speech (default: the MP4's own audio track)")
     e.add_argument("--reference", help="eval video: the reference portrait (for identity drift)")
+    e.add_argument("--fid-extractor", help="TorchScript feature extractor for FID/FVD (default: corpus-trained)")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_eval)
 

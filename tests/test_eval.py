@@ -63,3 +63,22 @@ def test_longform_two_clips(tmp_path):
     assert all(len(d) == 2 for d in saved["clips_detail"].values())
     assert (tmp_path / "report" / "report.md").exists()
     assert res["summary"]["avatarforcing"]["fps"] > 0
+
+
+def test_frechet_distance_matches_closed_form_and_orders_distributions(nets, clip):
+    from avatarforcing.eval.metrics import CorpusFeatures, frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (4000, 3))
+    b = rng.normal(0, 2, (4000, 3)) + np.array([1.0, 0, 0])
+    # Gaussians: |mu|^2 + sum over dims of (1 + 4 - 2*2) = 1 + 3
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.1)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    _, frames, _, _ = clip
+    feats = CorpusFeatures(nets)
+    other = make_clip("heldout", 5, 1234, 10.0)[1]
+    noisy = np.clip(frames + np.random.default_rng(1).normal(0, 40, frames.shape), 0, 255).astype(np.uint8)
+    same = frechet_distance(feats.frames(frames), feats.frames(other))
+    worse = frechet_distance(feats.frames(frames), feats.frames(noisy))
+    assert worse > same
+    assert feats.clips(frames).shape[1] == 128

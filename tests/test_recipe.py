@@ -17,6 +17,7 @@ def test_smoke_recipe_end_to_end_and_resume(tmp_path):
     for stage in ("vae", "teacher", "ode", "dmd"):
         assert (tmp_path / "run" / f"{stage}.done").exists()
         assert (tmp_path / "run" / f"{stage}.jsonl").exists()
+    assert (tmp_path / "run" / "samples" / "dmd-000002.mp4").stat().st_size > 1000  # periodic sample videos
     info = json.loads((tmp_path / "model" / "training.json").read_text())
     assert "psnr_db" in info["vae"]
     avatar = Avatar.load(tmp_path / "model")

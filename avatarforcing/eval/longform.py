@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..api import Avatar, Options
 from ..data.corpus import make_clip, reference_frame
-from .metrics import evaluate_video
+from .metrics import CorpusFeatures, TorchScriptFeatures, evaluate_video, frechet_distance
 from .nets import EVAL_WEIGHTS, load_eval_nets
 
 ABLATIONS = {
@@ -27,7 +27,7 @@ ABLATIONS = {
 }
 ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS]
 SCALARS = ["lipsync_r", "viseme_acc", "sync_c", "sync_d", "identity_drift_end", "identity_drift_first_minute",
-           "colour_drift_face_end", "colour_drift_background_end", "flicker_end", "fps"]
+           "colour_drift_face_end", "colour_drift_background_end", "flicker_end", "fid", "fvd", "fps"]
 
 
 def _run(avatar: Avatar, mode: str, ref: np.ndarray, audio: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
@@ -43,18 +43,24 @@ def _run(avatar: Avatar, mode: str, ref: np.ndarray, audio: np.ndarray, seed: in
 
 def run_longform(model: str, clips: int, frames: int, modes: list[str], json_path: str | Path | None,
                  report_dir: str | Path | None, seed: int = 1234, eval_nets: str | Path = EVAL_WEIGHTS,
-                 device: str = "cpu", progress: bool = True) -> dict:
+                 device: str = "cpu", progress: bool = True, fid_extractor: str | None = None) -> dict:
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
         raise ValueError(f"unknown modes {unknown}; expected some of {ALL_MODES}")
     avatar = Avatar.load(model, device)
     nets = load_eval_nets(eval_nets)
     seconds = frames / 25
+    extractor = TorchScriptFeatures(fid_extractor) if fid_extractor else CorpusFeatures(nets)
+    real_f, real_c = [], []
+    gen_f: dict[str, list] = {m: [] for m in modes}
+    gen_c: dict[str, list] = {m: [] for m in modes}
     per_mode: dict[str, list[dict]] = {m: [] for m in modes}
     bar = tqdm(total=clips * len(modes), desc="longform", disable=not progress)
     for i in range(clips):
-        spec, _, audio, gt = make_clip("heldout", i, seed, seconds, size=avatar.cfg.codec.height)
+        spec, real, audio, gt = make_clip("heldout", i, seed, seconds, size=avatar.cfg.codec.height)
         ref = reference_frame(spec, avatar.cfg.codec.height)
+        real_f.append(extractor.frames(real))
+        real_c.append(extractor.clips(real))
         # the shuffled-audio baseline: driven by another held-out clip's speech, scored against this clip's
         other = make_clip("heldout", clips + i, seed, seconds)[2] if "shuffled" in modes else None
         for m in modes:
@@ -62,15 +68,21 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
             video, fps = _run(avatar, m, ref, drive, seed=i)
             res = evaluate_video(nets, video, audio, ref, gt)  # always scored against the clip's own speech
             res.update(fps=fps, clip=spec.name, mode=m)
+            gen_f[m].append(extractor.frames(video))
+            gen_c[m].append(extractor.clips(video))
             per_mode[m].append(res)
             bar.update(1)
     bar.close()
     summary = {m: {k: float(np.mean([r[k] for r in rs if k in r])) for k in SCALARS if any(k in r for r in rs)}
                for m, rs in per_mode.items()}
+    for m in modes:  # distribution distances against the real held-out renders of the same clips
+        summary[m]["fid"] = frechet_distance(np.concatenate(gen_f[m]), np.concatenate(real_f))
+        summary[m]["fvd"] = frechet_distance(np.concatenate(gen_c[m]), np.concatenate(real_c))
     curves = {m: {k: np.mean([r["curves"][k] for r in rs], axis=0).tolist() for k in rs[0]["curves"]}
               for m, rs in per_mode.items()}
     result = {"model": str(model), "clips": clips, "frames": frames, "seed": seed, "modes": modes,
               "feature_extractors": {"sync": "corpus-trained SyncNet-style (assets/eval)",
+                                     "fid_fvd": extractor.name,
                                      "lipsync": "corpus-trained mouth reader",
                                      "identity": "corpus-trained IdentityNet"},
               "summary": summary, "curves_per_second": curves,

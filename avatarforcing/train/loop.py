@@ -86,6 +86,7 @@ class Trainer:
                                      betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.ema = EMA(model) if cfg.ema_decay > 0 else None
         self.step = 0
+        self._tb = None
         self.ckpt = self.out / f"{name}.ckpt"
         if self.ckpt.exists():
             self.load()
@@ -121,9 +122,22 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def log(self, record: dict) -> None:
-        if self.rank == 0:
-            with open(self.out / f"{self.name}.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """One JSON line per record; also TensorBoard scalars when the tensorboard package is installed."""
+        if self.rank != 0:
+            return
+        with open(self.out / f"{self.name}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard" / self.name))
+            except Exception:  # noqa: BLE001 - tensorboard not installed
+                self._tb = False
+        if self._tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"{self.name}/{k}", v, record["step"])
 
     def run(self, step_fn: Callable, progress: bool = True, after_step: Callable | None = None,
             deadline: float | None = None) -> None:

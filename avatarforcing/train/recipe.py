@@ -67,10 +67,48 @@ class RecipeConfig:
     # optional wall-clock budget per stage (minutes): the stage stops there and counts as done (a fixed-time
     # run on a lent GPU); without it a stopped stage raises and resumes on the next run
     stage_minutes: dict | None = None
+    sample_every: int = 500  # write a sample video of the model being trained every N steps (0: never)
 
 
 SMOKE = RecipeConfig(vae_steps=4, vae_batch=2, latent_clips=2, teacher_steps=4, teacher_batch=2, clip_latents=4,
-                     ode_samples=2, ode_steps=4, ode_accum=1, dmd_steps=2, critic_updates=2)
+                     ode_samples=2, ode_steps=4, ode_accum=1, dmd_steps=2, critic_updates=2, sample_every=2)
+
+
+def sample_hook(out: Path, stage: str, cfg: Config, model: AvatarDiT, vae: MiniVAE | None, data,
+                every: int, teacher: bool = False):
+    """Every ``every`` steps: sample a fixed training clip with the engine (student) or the teacher sampler,
+    decode it and write ``out/samples/<stage>-<step>.mp4`` (silent) for a person to look at."""
+    if not every or vae is None:
+        return None
+    from ..data.image import to_uint8
+    from ..data.video import VideoWriter
+    from ..stream.teacher import TeacherSampler
+    from ..stream.window import WindowSampler
+
+    lat, rows = data.sample(torch.Generator().manual_seed(999), 1)
+    B = cfg.stream.block_frames
+
+    @torch.no_grad()
+    def hook(step: int) -> None:
+        if step % every:
+            return
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator().manual_seed(0)
+        sampler = (TeacherSampler if teacher else WindowSampler)(model, cfg, lat[:, :, :1], gen)
+        blocks = []
+        for i in range(data.n // B):
+            blocks += sampler.push(rows[:, 1 + i * B: 1 + (i + 1) * B])
+        blocks += sampler.drain()
+        dec = vae.stream_decoder()
+        dec.decode(lat[:, :, :1])
+        frames = torch.cat([dec.decode(z.float()) for z in blocks], 2)[0].transpose(0, 1)
+        (out / "samples").mkdir(exist_ok=True)
+        with VideoWriter(out / "samples" / f"{stage}-{step:06d}.mp4") as w:
+            w.write(to_uint8(frames.cpu().numpy()))
+        model.train(was_training)
+
+    return hook
 
 
 def _deadline(r: RecipeConfig, stage: str, deadline: float | None) -> tuple[float | None, bool]:
@@ -87,12 +125,12 @@ def _check_finished(tr: Trainer, steps: int, stage: str, budgeted: bool) -> dict
 
 
 def _train_stage(tr: Trainer, step_fn, r: RecipeConfig, stage: str, steps: int, out: Path, weights: str,
-                 module: torch.nn.Module, deadline: float | None) -> torch.nn.Module:
+                 module: torch.nn.Module, deadline: float | None, after_step=None) -> torch.nn.Module:
     """Run a stage's loop, then save its final (EMA) weights, mark it done and load them into ``module``."""
     from safetensors.torch import save_file
 
     deadline, budgeted = _deadline(r, stage, deadline)
-    tr.run(step_fn, deadline=deadline)
+    tr.run(step_fn, deadline=deadline, after_step=after_step)
     info = _check_finished(tr, steps, stage, budgeted)
     final = tr.trained()
     save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / weights))
@@ -186,7 +224,8 @@ class LatentClips:
         return torch.stack(lat).to(self.device), torch.stack(rows).to(self.device)
 
 
-def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, device, deadline=None) -> AvatarDiT:
+def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, device, deadline=None,
+                  vae: MiniVAE | None = None) -> AvatarDiT:
     torch.manual_seed(r.seed)
     teacher = AvatarDiT(cfg.model).to(device)
     if _done(out, "teacher"):
@@ -199,8 +238,9 @@ def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, de
         lat, rows = data.sample(gen, r.teacher_batch)
         return teacher_loss(tr.forward_model, cfg, lat, rows, gen, cfg.train.audio_dropout)
 
+    hook = sample_hook(out, "teacher", cfg, teacher, vae, data, r.sample_every, teacher=True)
     return _train_stage(tr, step, r, "teacher", r.teacher_steps, out, "teacher.safetensors", teacher,
-                        deadline).eval()
+                        deadline, hook).eval()
 
 
 @torch.no_grad()
@@ -237,7 +277,7 @@ def stage_ode_generate(out: Path, cfg: Config, r: RecipeConfig, data: LatentClip
 
 
 def stage_ode(out: Path, cfg: Config, r: RecipeConfig, ode_path: Path, teacher: AvatarDiT, device,
-              deadline=None) -> AvatarDiT:
+              deadline=None, vae: MiniVAE | None = None, data: LatentClips | None = None) -> AvatarDiT:
     from safetensors.torch import load_file
 
     student = AvatarDiT(cfg.model).to(device)
@@ -259,11 +299,12 @@ def stage_ode(out: Path, cfg: Config, r: RecipeConfig, ode_path: Path, teacher: 
                   "states": [traj[f"state{j}"][i:i + 1] for j in range(L)]}
         return ode_loss(tr.forward_model, cfg, sample, rng)
 
-    return _train_stage(tr, step, r, "ode", r.ode_steps, out, "ode.student.safetensors", student, deadline)
+    hook = sample_hook(out, "ode", cfg, student, vae, data, r.sample_every) if data is not None else None
+    return _train_stage(tr, step, r, "ode", r.ode_steps, out, "ode.student.safetensors", student, deadline, hook)
 
 
 def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teacher: AvatarDiT,
-              student: AvatarDiT, device, deadline=None) -> AvatarDiT:
+              student: AvatarDiT, device, deadline=None, vae: MiniVAE | None = None) -> AvatarDiT:
     if _done(out, "dmd"):
         load_into(student, read_state_dict(out / "dmd.student.safetensors"), "dmd")
         return student
@@ -289,7 +330,8 @@ def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teache
         logs.update(clog)
         return loss, logs
 
-    return _train_stage(tr, step, r, "dmd", r.dmd_steps, out, "dmd.student.safetensors", student, deadline)
+    hook = sample_hook(out, "dmd", cfg, student, vae, data, r.sample_every)
+    return _train_stage(tr, step, r, "dmd", r.dmd_steps, out, "dmd.student.safetensors", student, deadline, hook)
 
 
 def export(out: Path, cfg: Config, student: AvatarDiT, vae: MiniVAE, dest: Path, dtype: str = "fp16") -> Path:
@@ -334,16 +376,16 @@ def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: Reci
     data = LatentClips(out / "latents.npz", r.clip_latents, dev)
     teacher = student = None
     if "teacher" in stages:
-        teacher = stage_teacher(out, cfg, r, data, dev, deadline)
+        teacher = stage_teacher(out, cfg, r, data, dev, deadline, vae)
         times["teacher"] = time.time() - t0
     if "ode-gen" in stages:
         stage_ode_generate(out, cfg, r, data, teacher, dev)
         times["ode-gen"] = time.time() - t0
     if "ode" in stages:
-        student = stage_ode(out, cfg, r, out / "ode.safetensors", teacher, dev, deadline)
+        student = stage_ode(out, cfg, r, out / "ode.safetensors", teacher, dev, deadline, vae, data)
         times["ode"] = time.time() - t0
     if "dmd" in stages:
-        student = stage_dmd(out, cfg, r, data, teacher, student, dev, deadline)
+        student = stage_dmd(out, cfg, r, data, teacher, student, dev, deadline, vae)
         times["dmd"] = time.time() - t0
     if "export" in stages and export_to:
         if vae is None:
