@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .checkpoints import load_into, load_model, read_state_dict
-from .codecs.audio import MelFrontEnd, check_pcm, make_front_end
+from .codecs.audio import check_pcm, make_front_end
 from .codecs.vae import MiniVAE
 from .config import Config, preset
 from .data.audio import load_audio
@@ -269,4 +269,4 @@ class Session:
             self.offset += drop
 
 
-__all__ = ["Avatar", "Session", "Options", "MODES", "MelFrontEnd"]
+__all__ = ["Avatar", "Session", "Options", "MODES"]

@@ -30,11 +30,6 @@ class VideoVAE(Protocol):
     def decode(self, latents: Tensor) -> Tensor: ...
 
 
-def frames_for_latents(n_latents: int, first: bool, stride: int = 4) -> int:
-    """Video frames produced by ``n_latents`` latent frames (the first latent frame gives one)."""
-    return (1 + stride * (n_latents - 1)) if first and n_latents else stride * n_latents
-
-
 class _Res(nn.Module):
     def __init__(self, ch: int):
         super().__init__()

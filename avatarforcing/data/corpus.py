@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -209,7 +208,7 @@ def _write_shard(args) -> list[dict]:
             with VideoWriter(d / "video.mp4", 25, audio) as w:
                 w.write(frames)
             sf.write(d / "audio.wav", audio, 16000, subtype="PCM_16")
-            Image_save(d / "reference.png", reference_frame(spec, size))
+            _save_png(d / "reference.png", reference_frame(spec, size))
         np.savez(d / "gt.npz", **gt)
         (d / "meta.json").write_text(json.dumps(asdict(spec), indent=1))
         specs.append(asdict(spec))
@@ -226,7 +225,7 @@ def _write_shard(args) -> list[dict]:
     return specs
 
 
-def Image_save(path, arr):
+def _save_png(path, arr):
     from PIL import Image
 
     Image.fromarray(arr).save(path)
@@ -295,6 +294,3 @@ def contact_sheet(clip_dir: str | Path, path: str | Path, n: int = 8) -> None:
             draw.text((j * tile_w + 4, tile_w + 2 + 14 * k), line, fill=(0, 0, 0))
     sheet.save(path)
 
-
-def sec_to_frames(seconds: float, fps: int = 25) -> int:
-    return int(math.floor(seconds * fps + 0.5))

@@ -45,8 +45,5 @@ class KVBuffer:
             return None
         return KVPrefix([k[:, lo:hi] for k in self.keys], [v[:, lo:hi] for v in self.values], cos, sin)
 
-    def selected_frames(self, use_anchor: bool, use_temporal: bool) -> int:
-        return int(use_anchor) + (self.temporal_frames if use_temporal else 0)
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

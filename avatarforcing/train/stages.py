@@ -4,9 +4,7 @@ regression), stage 2 (DMD). Each builds a ``step_fn`` for the shared loop in ``l
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -306,12 +304,3 @@ def dmd_loss(student: AvatarDiT, teacher: AvatarDiT, critic: AvatarDiT, cfg: Con
     loss = dmd_generator_loss(x, fake, real)
     return loss, (x.detach(), rows), {"loss": loss.item(), "score_sigma": sigma}
 
-
-def replace_train(cfg: Config, **kw) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kw))
-
-
-def ensure_dir(p: str | Path) -> Path:
-    p = Path(p)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
