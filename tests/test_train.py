@@ -105,12 +105,13 @@ def test_dmd_gradient_matches_hand_computation():
     assert torch.allclose(x.grad, g / x.numel(), atol=1e-7)
 
 
-def _ddp_worker(rank, world, out, port):
+def _ddp_worker(rank, world, out, port, fsdp=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     m = torch.nn.Linear(3, 1)
-    tr = Trainer("ddp", m, out, LoopConfig(steps=3, lr=0.1, log_every=1, save_every=100), torch.device("cpu"))
+    tr = Trainer("ddp", m, out, LoopConfig(steps=3, lr=0.1, log_every=1, save_every=100, fsdp=fsdp,
+                                           ema_decay=0.5), torch.device("cpu"))
 
     def step(s, micro, gen):
         g = step_generator(0, s)  # the global batch depends on the step only; each rank takes its share
@@ -120,19 +121,23 @@ def _ddp_worker(rank, world, out, port):
         return loss, {"loss": loss.item()}
 
     tr.run(step, progress=False)
+    full = tr.state()  # gathers the shards under FSDP
     if rank == 0:
-        torch.save([p.detach().clone() for p in m.parameters()], out / "params.pt")
+        torch.save([full["model"][k] for k in ("weight", "bias")] + [full["ema"]["weight"]], out / "params.pt")
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_equals_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_process_gloo_equals_one_process(tmp_path, fsdp):
+    """DDP, and FSDP2 (parameters, gradients, optimiser state and EMA sharded): same loss and weights."""
     import json
 
     ctx = mp.get_context("spawn")
     res = {}
     for world in (1, 2):
         out = tmp_path / f"w{world}"
-        procs = [ctx.Process(target=_ddp_worker, args=(r, world, out, 29500 + world)) for r in range(world)]
+        procs = [ctx.Process(target=_ddp_worker, args=(r, world, out, 29500 + 10 * fsdp + world, fsdp))
+                 for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:

@@ -35,6 +35,7 @@ class LoopConfig:
     log_every: int = 10
     save_every: int = 200
     seed: int = 0
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (FSDP2) instead of DDP
 
 
 def world() -> tuple[int, int]:
@@ -47,6 +48,15 @@ def init_distributed(device: torch.device) -> None:
     """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on GPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _fully_shard(model: nn.Module) -> None:
+    """FSDP2: one shard group per transformer block (when the model has ``blocks``), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(model, "blocks", []):
+        fully_shard(block)
+    fully_shard(model)
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -79,12 +89,16 @@ class Trainer:
         self.extra = extra or {}
         self.extra_optims = extra_optims or {}
         self.rank, self.world = world()
+        self.ema = EMA(model) if cfg.ema_decay > 0 else None  # copied before sharding, then sharded alike
         self.ddp = None
-        if self.world > 1:
+        self.fsdp = cfg.fsdp and self.world > 1
+        if self.fsdp:
+            for m in [model] + ([self.ema.model] if self.ema else []):
+                _fully_shard(m)
+        elif self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(model)
         self.opt = torch.optim.AdamW(params if params is not None else model.parameters(), lr=cfg.lr,
                                      betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        self.ema = EMA(model) if cfg.ema_decay > 0 else None
         self.step = 0
         self._tb = None
         self.ckpt = self.out / f"{name}.ckpt"
@@ -98,17 +112,45 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
+        """Full (unsharded) state; under FSDP every rank must call this (it gathers)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return {"step": self.step, "model": get_model_state_dict(self.model, options=full),
+                    "optim": get_optimizer_state_dict(self.model, self.opt, options=full),
+                    "ema": get_model_state_dict(self.ema.model, options=full) if self.ema else None,
+                    "extra": {}, "extra_optims": {}}
         return {"step": self.step, "model": self.model.state_dict(), "optim": self.opt.state_dict(),
                 "ema": self.ema.model.state_dict() if self.ema else None,
                 "extra": {k: m.state_dict() for k, m in self.extra.items()},
                 "extra_optims": {k: o.state_dict() for k, o in self.extra_optims.items()}}
 
     def save(self) -> None:
+        state = self.state()
         if self.rank == 0:
-            atomic_write(self.ckpt, lambda p: torch.save(self.state(), p))
+            atomic_write(self.ckpt, lambda p: torch.save(state, p))
 
     def load(self) -> None:
         s = torch.load(self.ckpt, map_location=self.device, weights_only=False)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, s["model"], options=full)
+            set_optimizer_state_dict(self.model, self.opt, s["optim"], options=full)
+            if self.ema and s["ema"] is not None:
+                set_model_state_dict(self.ema.model, s["ema"], options=full)
+            self.step = s["step"]
+            return
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optim"])
         if self.ema and s["ema"] is not None:

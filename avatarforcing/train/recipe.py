@@ -68,6 +68,7 @@ class RecipeConfig:
     # run on a lent GPU); without it a stopped stage raises and resumes on the next run
     stage_minutes: dict | None = None
     sample_every: int = 500  # write a sample video of the model being trained every N steps (0: never)
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP for the DiT stages
 
 
 SMOKE = RecipeConfig(vae_steps=4, vae_batch=2, latent_clips=2, teacher_steps=4, teacher_batch=2, clip_latents=4,
@@ -232,7 +233,8 @@ def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, de
         load_into(teacher, read_state_dict(out / "teacher.safetensors"), "teacher")
         return teacher.eval()
     tr = Trainer("teacher", teacher, out, LoopConfig(steps=r.teacher_steps, lr=r.teacher_lr, seed=r.seed + 1,
-                                                    ema_decay=0.995, ema_start=100, save_every=500), device)
+                                                    ema_decay=0.995, ema_start=100, save_every=500,
+                                                    fsdp=r.fsdp), device)
 
     def step(s, micro, gen):
         lat, rows = data.sample(gen, r.teacher_batch)
@@ -290,7 +292,7 @@ def stage_ode(out: Path, cfg: Config, r: RecipeConfig, ode_path: Path, teacher: 
     L = cfg.stream.window_blocks
     tr = Trainer("ode", student, out, LoopConfig(steps=r.ode_steps, lr=r.ode_lr, seed=r.seed + 2,
                                                 grad_accum=r.ode_accum, ema_decay=0.99, ema_start=100,
-                                                save_every=500), device)
+                                                save_every=500, fsdp=r.fsdp), device)
 
     def step(s, micro, gen):
         i = int(torch.randint(n, (1,), generator=gen))
@@ -313,7 +315,8 @@ def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teache
     teacher.requires_grad_(False).eval()
     copt = torch.optim.AdamW(critic.parameters(), lr=r.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
     tr = Trainer("dmd", student, out, LoopConfig(steps=r.dmd_steps, lr=r.dmd_lr, betas=(0.0, 0.999), seed=r.seed + 3,
-                                                ema_decay=0.99, ema_start=20, save_every=50, log_every=5),
+                                                ema_decay=0.99, ema_start=20, save_every=50, log_every=5,
+                                                fsdp=r.fsdp),
                  device, extra={"critic": critic}, extra_optims={"critic": copt})
 
     def step(s, micro, gen):
