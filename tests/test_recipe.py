@@ -29,3 +29,28 @@ def test_smoke_recipe_end_to_end_and_resume(tmp_path):
     run_recipe(corpus, tmp_path / "run", "cpu", SMOKE, export_to=tmp_path / "model")  # every stage is done
     after = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_wan_layout_recipe_with_a_pretrained_vae(tmp_path):
+    """The same stages with a Wan-style config: pretrained (here tiny, random) Wan VAE instead of the vae stage."""
+    import dataclasses
+
+    from avatarforcing.config import preset
+
+    from .test_codecs import tiny_wan
+
+    vae_dir = tmp_path / "vae"
+    tiny_wan().save_pretrained(vae_dir)
+    cfg = preset("wan-1.3b").override({
+        "model.dim": 48, "model.ffn_dim": 64, "model.num_heads": 2, "model.num_layers": 2,
+        "model.latent_channels": 4, "model.audio_dim": 128, "model.audio_blocks": [0, 1], "model.text_len": 4,
+        "codec.height": 128, "codec.width": 128, "codec.audio": "mel"})
+    corpus = tmp_path / "corpus"
+    synth(corpus, 1, 4.0, "train", seed=2, progress=False, clip_files=False)
+    r = dataclasses.replace(SMOKE, vae_path=str(vae_dir), sample_every=0)
+    run_recipe(corpus, tmp_path / "run", "cpu", r, cfg=cfg, export_to=tmp_path / "model")
+    assert (tmp_path / "run" / "dmd.done").exists() and not (tmp_path / "run" / "vae.done").exists()
+    from avatarforcing.checkpoints import load_model
+
+    model, cfg2 = load_model(tmp_path / "model")
+    assert cfg2.codec.vae == "wan" and cfg2.model.dim == 48

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from ..checkpoints import load_into, read_state_dict, save_model
-from ..codecs.audio import MelFrontEnd
 from ..codecs.vae import MiniVAE
 from ..config import Config, preset
 from ..data.dataset import CorpusDataset
@@ -69,6 +68,10 @@ class RecipeConfig:
     stage_minutes: dict | None = None
     sample_every: int = 500  # write a sample video of the model being trained every N steps (0: never)
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP for the DiT stages
+    # configs with codec.vae == "wan" use a pretrained Wan VAE (diffusers folder or Wan2.1_VAE.pth) instead of
+    # the vae stage, and codec.audio == "wav2vec2" a local wav2vec2-base-960h folder
+    vae_path: str | None = None
+    audio_model: str | None = None
 
 
 SMOKE = RecipeConfig(vae_steps=4, vae_batch=2, latent_clips=2, teacher_steps=4, teacher_batch=2, clip_latents=4,
@@ -175,12 +178,14 @@ def stage_vae(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, device, dea
 
 
 @torch.no_grad()
-def stage_latents(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, vae: MiniVAE, device) -> Path:
-    """Encode every train clip once: reference + 4n frames -> latents; mel rows with the anchor row."""
+def stage_latents(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, vae, device) -> Path:
+    """Encode every train clip once: reference + 4n frames -> latents; audio rows with the anchor row."""
+    from ..codecs.audio import make_front_end
+
     path = out / "latents.npz"
     if path.exists():
         return path
-    fe = MelFrontEnd(cfg.codec)
+    fe = make_front_end(cfg.codec, r.audio_model)
     seconds = r.latent_seconds or None
     shards = sorted((corpus / "shards").glob("train-*"))
     lats, rows = [], []
@@ -370,7 +375,14 @@ def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: Reci
     times = {}
     t0 = time.time()
     vae = None
-    if "vae" in stages:
+    if cfg.codec.vae == "wan":
+        from ..codecs.wan_vae import WanVAE
+        from ..errors import ConfigError
+
+        if not r.vae_path:
+            raise ConfigError("a codec.vae == 'wan' recipe needs vae_path (the pretrained Wan2.1 VAE)")
+        vae = WanVAE.load(r.vae_path, device)
+    elif "vae" in stages:
         vae = stage_vae(corpus, out, cfg, r, dev, deadline)
         times["vae"] = time.time() - t0
     if "latents" in stages:
@@ -391,9 +403,11 @@ def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: Reci
         student = stage_dmd(out, cfg, r, data, teacher, student, dev, deadline, vae)
         times["dmd"] = time.time() - t0
     if "export" in stages and export_to:
-        if vae is None:
-            vae = stage_vae(corpus, out, cfg, r, dev)
-        export(out, cfg, student.cpu().float(), vae.cpu().float(), Path(export_to))
+        if cfg.codec.vae == "wan":
+            save_model(student.cpu().float(), cfg, Path(export_to), dtype="bf16")  # the VAE stays where it is
+        else:
+            vae = vae if vae is not None else stage_vae(corpus, out, cfg, r, dev)
+            export(out, cfg, student.cpu().float(), vae.cpu().float(), Path(export_to))
     (out / "recipe_times.json").write_text(json.dumps(times, indent=1))
     return times
 
