@@ -16,6 +16,12 @@ class Missing(AvatarForcingError):
     """A capability another issue has not built yet."""
 
 
+def _add_reference_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="portrait (jpg/png/webp)")
+    src.add_argument("--identity", help="a built-in identity name (see `avatarforcing data identities`)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mini", help="shipped model name or model folder (default: mini)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -294,9 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="portrait + speech file -> talking-avatar MP4 (H.264 + AAC)",
                        description="Stream a speech file through the model and write the video incrementally.")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", help="portrait (jpg/png/webp)")
-    src.add_argument("--identity", help="a built-in identity name (see `avatarforcing data identities`)")
+    _add_reference_args(g)
     g.add_argument("--audio", required=True, help="speech (wav/flac/ogg/mp3/m4a)")
     g.add_argument("--out", required=True, help="output .mp4")
     _add_model_args(g)
@@ -304,9 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stream", help="raw PCM on stdin -> raw rgb24 frames on stdout, as they are ready",
                        description="Pipe speech in (16 kHz mono) and frames out, e.g. into ffmpeg -f rawvideo.")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image")
-    src.add_argument("--identity")
+    _add_reference_args(s)
     s.add_argument("--format", choices=["s16le", "f32le"], default="s16le", help="input sample format")
     s.add_argument("--chunk", type=int, default=640, help="samples read per push")
     _add_model_args(s)

@@ -88,7 +88,8 @@ class StreamConfig:
     block_frames: int = 4  # B: latent frames per block
     window_blocks: int = 4  # L: blocks in the local-future window
     passes: int = 1  # N: forward passes per step
-    denoising_steps: tuple[int, ...] = (1000, 800, 400, 200)  # newest -> oldest, warped by shift
+    denoising_steps: tuple[int, ...] = field(default=(1000, 800, 400, 200),  # newest -> oldest, warped by shift
+                                             metadata={"variable_length": True})
     num_train_timesteps: int = 1000
     shift: float = 5.0
     temporal_anchor_frames: int = 2
@@ -231,11 +232,12 @@ def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> Any
                 raise ConfigError(f"{source}: field '{path}' must be a mapping, got {value!r}")
             updates[key] = _merge(current, value, source, path + ".")
         else:
-            updates[key] = _coerce(current, value, f"{source}: field '{path}'")
+            updates[key] = _coerce(current, value, f"{source}: field '{path}'",
+                                   known[key].metadata.get("variable_length", False))
     return dataclasses.replace(obj, **updates)
 
 
-def _coerce(current: Any, value: Any, where: str) -> Any:
+def _coerce(current: Any, value: Any, where: str, variable_length: bool = False) -> Any:
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -255,15 +257,11 @@ def _coerce(current: Any, value: Any, where: str) -> Any:
     if isinstance(current, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
-        if current and len(value) != len(current) and not _variable_tuple(where):
+        if current and len(value) != len(current) and not variable_length:
             raise ConfigError(f"{where} must have {len(current)} items, got {len(value)}")
         proto = current[0] if current else value[0] if value else 0
         return tuple(_coerce(proto, v, where) for v in value)
     return value
-
-
-def _variable_tuple(where: str) -> bool:
-    return "denoising_steps" in where
 
 
 def _check(cond: bool, field_name: str, why: str) -> None:

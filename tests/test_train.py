@@ -105,6 +105,14 @@ def test_dmd_gradient_matches_hand_computation():
     assert torch.allclose(x.grad, g / x.numel(), atol=1e-7)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ddp_worker(rank, world, out, port, fsdp=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -136,8 +144,8 @@ def test_two_process_gloo_equals_one_process(tmp_path, fsdp):
     res = {}
     for world in (1, 2):
         out = tmp_path / f"w{world}"
-        procs = [ctx.Process(target=_ddp_worker, args=(r, world, out, 29500 + 10 * fsdp + world, fsdp))
-                 for r in range(world)]
+        port = _free_port()  # a fixed port can still be in TIME_WAIT from an earlier run
+        procs = [ctx.Process(target=_ddp_worker, args=(r, world, out, port, fsdp)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:

@@ -113,7 +113,10 @@ class MiniVAE(nn.Module):
 
     def forward(self, frames: Tensor) -> Tensor:
         """Reconstruction for training: frames [B, 3, 1+4n, H, W] -> same shape (unclamped)."""
-        z = self.encode_video(frames)
+        return self.decode_unclamped(self.encode_video(frames))
+
+    def decode_unclamped(self, z: Tensor) -> Tensor:
+        """Differentiable decode of normalised latents [B, C, 1+n, h, w] -> [B, 3, 1+4n, H, W]."""
         outs, prev = [], None
         for k in range(z.shape[2]):
             x = self.decode_step(z[:, :, k], prev)

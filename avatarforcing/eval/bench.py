@@ -50,18 +50,19 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def build_vae(cfg: Config, device: torch.device, dtype: torch.dtype):
+    if cfg.codec.vae == "mini":
+        return MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device, dtype).eval()
+    from diffusers import AutoencoderKLWan
+
+    from ..codecs.wan_vae import WanVAE
+
+    return WanVAE(AutoencoderKLWan().to(device, dtype))
+
+
 def build(cfg: Config, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
-    model = AvatarDiT(cfg.model).to(device, dtype).eval()
-    if cfg.codec.vae == "mini":
-        vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device, dtype).eval()
-    else:
-        from diffusers import AutoencoderKLWan
-
-        from ..codecs.wan_vae import WanVAE
-
-        vae = WanVAE(AutoencoderKLWan().to(device, dtype))
-    return model, vae
+    return AvatarDiT(cfg.model).to(device, dtype).eval(), build_vae(cfg, device, dtype)
 
 
 @torch.no_grad()
@@ -134,8 +135,7 @@ def run_speed(cfg: Config, frames: int, device: torch.device, dtype: torch.dtype
 
 @torch.no_grad()
 def run_codec(cfg: Config, device: torch.device, dtype: torch.dtype, latents: int = 64) -> dict:
-    _, vae = build(cfg, device, dtype) if cfg.codec.vae != "mini" else (None, MiniVAE(
-        cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device, dtype).eval())
+    vae = build_vae(cfg, device, dtype)
     h, w = cfg.codec.latent_hw
     z = torch.randn(1, cfg.model.latent_channels, latents + 1, h, w, device=device, dtype=dtype)
     dec = vae.stream_decoder()

@@ -34,10 +34,8 @@ def _run(avatar: Avatar, mode: str, ref: np.ndarray, audio: np.ndarray, seed: in
     t0 = time.perf_counter()
     if mode in ABLATIONS:
         frames = avatar.generate(ref, audio, seed=seed, options=ABLATIONS[mode])
-    elif mode == "shuffled":
-        frames = avatar.generate(ref, audio, seed=seed)  # audio is another clip's (see caller)
-    else:
-        frames = avatar.generate(ref, audio, seed=seed, mode=mode)
+    else:  # "shuffled" is the plain sampler driven by another clip's audio (chosen by the caller)
+        frames = avatar.generate(ref, audio, seed=seed, mode="avatarforcing" if mode == "shuffled" else mode)
     return frames, len(frames) / (time.perf_counter() - t0)
 
 

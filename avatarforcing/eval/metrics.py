@@ -101,8 +101,9 @@ def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.nd
     res.update(sync(nets, frames, audio))
     if gt is not None:
         res.update(lip_sync(nets, frames, gt))
-    curves = {"colour_drift_face": colour_drift(frames)["face"],
-              "colour_drift_background": colour_drift(frames)["background"], "flicker": flicker(frames)}
+    colour = colour_drift(frames)
+    curves = {"colour_drift_face": colour["face"], "colour_drift_background": colour["background"],
+              "flicker": flicker(frames)}
     if reference is not None:
         curves["identity_drift"] = identity_drift(nets, frames, reference)
     res["curves"] = curves

@@ -54,14 +54,7 @@ def sample_sigma(gen: torch.Generator, n: int, shift: float, lo: float = 0.0, hi
 def vae_loss(vae: MiniVAE, frames: Tensor) -> tuple[Tensor, dict]:
     """Reconstruction (L1 + MSE), image gradients (edges), the mouth region weighted x4, latent L2."""
     z = vae.encode_video(frames)
-    rec = vae.decode_from_latents(z) if hasattr(vae, "decode_from_latents") else None
-    if rec is None:
-        outs, prev = [], None
-        for k in range(z.shape[2]):
-            x = vae.decode_step(z[:, :, k], prev)
-            outs.append(x[:, :, -1:] if k == 0 else x)
-            prev = z[:, :, k]
-        rec = torch.cat(outs, dim=2)
+    rec = vae.decode_unclamped(z)
     h, w = frames.shape[-2:]
     weight = torch.ones(1, 1, 1, h, w, device=frames.device)
     weight[..., int(0.50 * h):int(0.80 * h), int(0.30 * w):int(0.70 * w)] = 4.0  # mouth region
