@@ -99,8 +99,6 @@ class Avatar:
         return torch.from_numpy(arr)[None].to(self.device, self.dtype)
 
     def session(self, image, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None) -> Session:
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
         return Session(self, self.prepare_reference(image), seed, mode, options or Options())
 
     def stream(self, image, audio, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None,
@@ -116,6 +114,59 @@ class Avatar:
                  options: Options | None = None) -> np.ndarray:
         frames = list(self.stream(image, audio, seed, mode, options))
         return np.concatenate(frames) if frames else np.zeros((0,), np.uint8)
+
+    def sampler(self, mode: str, ref_latent: Tensor, generators: list[torch.Generator],
+                options: Options | None = None) -> WindowSampler | TeacherSampler:
+        """The sampler of a mode for reference latents [N, C, 1, h, w], one generator per stream."""
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if mode == "teacher":
+            if self.teacher is None:
+                raise InputError("mode 'teacher' needs teacher weights (teacher.safetensors in the model folder)")
+            return TeacherSampler(self.teacher, self.cfg, ref_latent, generators)
+        if mode == "ar":
+            return WindowSampler(self.model, self.cfg, ref_latent, generators, options, window_blocks=1,
+                                 denoising_steps=(self.cfg.stream.num_train_timesteps,))
+        return WindowSampler(self.model, self.cfg, ref_latent, generators, options)
+
+    @torch.no_grad()
+    def generate_batch(self, images: list, audios: list[np.ndarray], seeds: list[int],
+                       mode: str = "avatarforcing", options: Options | None = None) -> list[np.ndarray]:
+        """Offline generation of N videos stepped together (one DiT call per step for all of them).
+
+        Stream i uses ``seeds[i]``'s noise exactly as ``generate`` would; audio shorter than the longest is
+        padded with silence while the batch runs and its video is trimmed to its own length, so stream i
+        equals ``generate(images[i], audios[i], seeds[i])`` (to float rounding) when the audios are equally
+        long. For benchmarks: one batch of N short clips keeps an accelerator busy where one stream cannot.
+        """
+        if not (len(images) == len(audios) == len(seeds)) or not images:
+            raise InputError(f"generate_batch needs as many images, audios and seeds (got {len(images)}, "
+                             f"{len(audios)}, {len(seeds)}), at least one")
+        sr, spf = self.cfg.codec.sample_rate, self.cfg.codec.samples_per_frame
+        B, pack = self.cfg.stream.block_frames, self.cfg.model.audio_pack
+        fpb = B * self.cfg.codec.temporal_stride
+        pcms = [check_pcm(a if isinstance(a, np.ndarray) else load_audio(a, sr), f"audio {i}")
+                for i, a in enumerate(audios)]
+        totals = [-(-len(p) // spf) for p in pcms]  # video frames covering each audio
+        longest = max(len(p) for p in pcms)
+        pcms = [torch.cat([p, torch.zeros(longest - len(p))]) for p in pcms]
+        refs = torch.cat([self.prepare_reference(im) for im in images])
+        ref_latent = self.vae.encode_image(refs)  # [N, C, 1, h, w]
+        decoder = self.vae.stream_decoder()
+        decoder.decode(ref_latent)
+        sampler = self.sampler(mode, ref_latent, [torch.Generator().manual_seed(s) for s in seeds], options)
+        n_blocks = -(-max(totals) // fpb)
+        fe = self.front_end
+        if fe.chunk_invariant:  # every row at once, sliced per block below
+            all_rows = torch.stack([fe.features(p, 0, n_blocks * fpb) for p in pcms])  # [N, frames, D]
+        latents = []
+        for k in range(n_blocks):
+            a, b = k * fpb, (k + 1) * fpb
+            rows = all_rows[:, a:b] if fe.chunk_invariant else torch.stack([fe.features(p, a, b) for p in pcms])
+            latents += sampler.push(rows.reshape(len(pcms), B, pack, -1).to(self.device, self.dtype))
+        latents += sampler.drain()
+        video = torch.cat([decoder.decode(z) for z in latents], dim=2)  # [N, 3, T, H, W]
+        return [to_uint8(video[i].transpose(0, 1).float().cpu().numpy())[:totals[i]] for i in range(len(pcms))]
 
 
 @dataclass
@@ -141,15 +192,7 @@ class Session:
             ref_latent = avatar.vae.encode_image(reference)  # [1, C, 1, h, w]
             self.decoder = avatar.vae.stream_decoder()
             self.decoder.decode(ref_latent)  # primes the causal decoder with latent frame 0 (not output)
-        if mode == "teacher":
-            if avatar.teacher is None:
-                raise InputError("mode 'teacher' needs teacher weights (teacher.safetensors in the model folder)")
-            self.sampler = TeacherSampler(avatar.teacher, self.cfg, ref_latent, gen)
-        elif mode == "ar":
-            self.sampler = WindowSampler(avatar.model, self.cfg, ref_latent, gen, options, window_blocks=1,
-                                         denoising_steps=(self.cfg.stream.num_train_timesteps,))
-        else:
-            self.sampler = WindowSampler(avatar.model, self.cfg, ref_latent, gen, options)
+        self.sampler = avatar.sampler(mode, ref_latent, [gen], options)
         self.pcm = torch.zeros(0)
         self.offset = 0  # absolute index of self.pcm[0]
         self.received = 0  # samples pushed so far

@@ -250,7 +250,8 @@ def cmd_eval(args) -> int:
 
         res = run_longform(args.model, args.clips, args.frames, [m for m in args.modes.split(",") if m],
                            args.json, args.report, eval_nets=nets_dir, device=args.device,
-                           fid_extractor=args.fid_extractor)
+                           fid_extractor=args.fid_extractor, batch=args.batch, workers=args.workers,
+                           deadline_minutes=args.deadline_min)
         print(markdown_table(res))
         return 0
     if not args.video:
@@ -354,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="eval video: the reference portrait (for identity drift)")
     e.add_argument("--fid-extractor", help="TorchScript feature extractor for FID/FVD (default: corpus-trained)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--batch", type=int, default=1, help="longform: clips per engine run (e.g. 100 on a GPU)")
+    e.add_argument("--workers", type=int, default=0, help="longform: processes synthesising clips ahead")
+    e.add_argument("--deadline-min", type=float, help="longform: stop after the batch that passes this many minutes "
+                                                     "(the JSON is rewritten after every batch)")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="speed benchmarks (JSON)",

@@ -55,14 +55,24 @@ def test_report_renders(tmp_path):
     assert "| avatarforcing | 0.500 |" in (tmp_path / "report.md").read_text()
 
 
-def test_longform_two_clips(tmp_path):
-    res = run_longform("mini", 2, 50, ["avatarforcing", "shuffled", "no-rope-reindex"], tmp_path / "r.json",
-                       tmp_path / "report", progress=False)
+def test_longform_batched_equals_one_clip_at_a_time(tmp_path):
+    modes = ["avatarforcing", "shuffled", "no-rope-reindex"]
+    one = run_longform("mini", 3, 50, modes, tmp_path / "r.json", tmp_path / "report", progress=False)
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert set(saved["summary"]) == {"avatarforcing", "shuffled", "no-rope-reindex"}
-    assert all(len(d) == 2 for d in saved["clips_detail"].values())
+    assert set(saved["summary"]) == set(modes) and saved["clips"] == 3
+    assert all(len(d) == 3 for d in saved["clips_detail"].values())
     assert (tmp_path / "report" / "report.md").exists()
-    assert res["summary"]["avatarforcing"]["fps"] > 0
+    assert one["summary"]["avatarforcing"]["fps"] > 0
+    # two clips per engine run, clips synthesised by two worker processes: the same videos, the same scores
+    two = run_longform("mini", 3, 50, modes, None, None, progress=False, batch=2, workers=2)
+    for m in modes:
+        for k in ("lipsync_r", "sync_c", "identity_drift_end", "colour_drift_face_end"):
+            assert two["summary"][m][k] == pytest.approx(one["summary"][m][k], abs=2e-3), (m, k)
+    # a deadline stops after the batch that passes it, and the JSON says how many clips it covers
+    cut = run_longform("mini", 3, 50, ["avatarforcing"], tmp_path / "cut.json", None, progress=False, batch=2,
+                       deadline_minutes=0)
+    assert cut["clips"] == 2 and cut["clips_requested"] == 3
+    assert json.loads((tmp_path / "cut.json").read_text())["clips"] == 2
 
 
 def test_frechet_distance_matches_closed_form_and_orders_distributions(nets, clip):

@@ -185,3 +185,28 @@ def test_ablation_options_change_output():
                 Options(temporal_anchor=False)):
         other = av.generate(_image(), pcm, seed=0, options=opt)
         assert other.shape == base.shape and not np.array_equal(other, base), opt
+
+
+@pytest.mark.parametrize("mode", ["avatarforcing", "ar", "teacher"])
+def test_batch_generation_equals_one_stream_at_a_time(mode):
+    av = _avatar()
+    rng = np.random.default_rng(2)
+    images = [_image(), (rng.random((48, 64, 3)) * 255).astype(np.uint8), _image()[::-1].copy()]
+    pcms = [(0.1 * rng.standard_normal(16000 + 500)).astype(np.float32) for _ in images]
+    seeds = [3, 4, 3]
+    batch = av.generate_batch(images, pcms, seeds, mode=mode)
+    for im, pcm, seed, got in zip(images, pcms, seeds, batch):
+        want = av.generate(im, pcm, seed=seed, mode=mode)
+        assert got.shape == want.shape == (26, 32, 32, 3)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.05  # float rounding of batched kernels only
+    assert not np.array_equal(batch[0], batch[2])  # same seed, different portrait
+
+
+def test_batch_generation_pads_short_audio_and_trims_its_video():
+    av = _avatar()
+    pcms = [np.zeros(16000, np.float32), np.zeros(6000, np.float32)]
+    out = av.generate_batch([_image(), _image()], pcms, [0, 1])
+    assert [len(v) for v in out] == [25, 10]
+    with pytest.raises(Exception, match="as many"):
+        av.generate_batch([_image()], pcms, [0, 1])

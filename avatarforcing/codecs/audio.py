@@ -47,6 +47,8 @@ class MelFrontEnd:
     Each row depends only on absolute sample positions, so streaming and offline are identical.
     """
 
+    chunk_invariant = True  # features(pcm, a, c) == cat(features(pcm, a, b), features(pcm, b, c))
+
     def __init__(self, cfg: CodecConfig):
         self.cfg = cfg
         self.spf = cfg.samples_per_frame
@@ -127,6 +129,8 @@ class Wav2Vec2FrontEnd:
     of right look-ahead; the transformer sees only that window, so rows differ slightly from offline
     (tests/test_codecs.py states by how much).
     """
+
+    chunk_invariant = False  # a chunk's rows depend on where the chunk starts (its left context)
 
     def __init__(self, cfg: CodecConfig, model_dir: str | Path, device: str = "cpu"):
         from transformers import Wav2Vec2Model

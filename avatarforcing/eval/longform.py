@@ -3,18 +3,23 @@ on the same clips and seeds; JSON, a markdown table and per-second drift plots.
 
 Clips are synthesised on demand from the held-out split (seed 1234 namespace), so the benchmark needs no
 corpus on disk: ``make_clip("heldout", i, seed, seconds)`` gives audio, ground truth and the reference.
+``batch`` clips run through the engine together and ``workers`` processes synthesise the next clips
+meanwhile: that is what makes 400 clips x every mode fit a few minutes of an accelerator.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ..api import Avatar, Options
+from ..api import MODES, Avatar, Options
+from ..checkpoints import atomic_write
 from ..data.corpus import make_clip, reference_frame
 from .metrics import CorpusFeatures, TorchScriptFeatures, evaluate_video, frechet_distance
 from .nets import EVAL_WEIGHTS, load_eval_nets
@@ -30,68 +35,132 @@ SCALARS = ["lipsync_r", "viseme_acc", "sync_c", "sync_d", "identity_drift_end", 
            "colour_drift_face_end", "colour_drift_background_end", "flicker_end", "fid", "fvd", "fps"]
 
 
-def _run(avatar: Avatar, mode: str, ref: np.ndarray, audio: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    if mode in ABLATIONS:
-        frames = avatar.generate(ref, audio, seed=seed, options=ABLATIONS[mode])
-    else:  # "shuffled" is the plain sampler driven by another clip's audio (chosen by the caller)
-        frames = avatar.generate(ref, audio, seed=seed, mode="avatarforcing" if mode == "shuffled" else mode)
-    return frames, len(frames) / (time.perf_counter() - t0)
+def _clip(args: tuple[int, int, float, int]) -> dict:
+    """Held-out clip ``index``: its render, speech, ground truth and reference portrait (picklable, so a process
+    pool can synthesise clips while the model runs)."""
+    index, seed, seconds, size = args
+    spec, real, audio, gt = make_clip("heldout", index, seed, seconds, size=size)
+    return {"name": spec.name, "real": real, "audio": audio, "gt": gt, "ref": reference_frame(spec, size)}
+
+
+class _Clips:
+    """Clips by index, synthesised in-process or ahead of time by ``workers`` processes."""
+
+    def __init__(self, seed: int, seconds: float, size: int, workers: int):
+        self.args = (seed, seconds, size)
+        self.pool = None
+        if workers > 1:
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pending: dict[int, Future] = {}
+
+    def prefetch(self, indices) -> None:
+        if self.pool is not None:
+            for i in indices:
+                if i not in self.pending:
+                    self.pending[i] = self.pool.submit(_clip, (i, *self.args))
+
+    def get(self, i: int) -> dict:
+        if i in self.pending:
+            return self.pending.pop(i).result()
+        return _clip((i, *self.args))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _shuffled_partner(i: int, clips: int) -> int:
+    """The clip whose speech drives clip i in the shuffled-audio baseline: the next one, cyclically (a one-clip
+    run borrows held-out clip 1, outside the evaluated set)."""
+    return (i + 1) % clips if clips > 1 else 1
 
 
 def run_longform(model: str, clips: int, frames: int, modes: list[str], json_path: str | Path | None,
                  report_dir: str | Path | None, seed: int = 1234, eval_nets: str | Path = EVAL_WEIGHTS,
-                 device: str = "cpu", progress: bool = True, fid_extractor: str | None = None) -> dict:
+                 device: str = "cpu", progress: bool = True, fid_extractor: str | None = None, batch: int = 1,
+                 workers: int = 0, deadline_minutes: float | None = None) -> dict:
+    """Every mode on held-out clips 0..clips-1, ``batch`` clips per engine run (``Avatar.generate_batch``).
+
+    Clip i is generated with seed i in every mode. The JSON is rewritten after every batch, so an interrupted
+    run leaves the clips done so far; with ``deadline_minutes`` the run stops after the batch that passes it.
+    """
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
         raise ValueError(f"unknown modes {unknown}; expected some of {ALL_MODES}")
+    if clips < 1 or frames < 1 or batch < 1:
+        raise ValueError(f"clips, frames and batch must be positive (got {clips}, {frames}, {batch})")
+    t_start = time.perf_counter()
     avatar = Avatar.load(model, device)
-    nets = load_eval_nets(eval_nets)
-    seconds = frames / 25
+    nets = load_eval_nets(eval_nets).to(device)
+    size = avatar.cfg.codec.height
     extractor = TorchScriptFeatures(fid_extractor) if fid_extractor else CorpusFeatures(nets)
-    real_f, real_c = [], []
-    gen_f: dict[str, list] = {m: [] for m in modes}
-    gen_c: dict[str, list] = {m: [] for m in modes}
-    per_mode: dict[str, list[dict]] = {m: [] for m in modes}
+    acc = {"real_f": [], "real_c": [], "gen_f": {m: [] for m in modes}, "gen_c": {m: [] for m in modes},
+           "per_mode": {m: [] for m in modes}, "gen_s": {m: 0.0 for m in modes}}
+    source = _Clips(seed, frames / 25, size, workers)
+    groups = [list(range(lo, min(clips, lo + batch))) for lo in range(0, clips, batch)]
     bar = tqdm(total=clips * len(modes), desc="longform", disable=not progress)
-    for i in range(clips):
-        spec, real, audio, gt = make_clip("heldout", i, seed, seconds, size=avatar.cfg.codec.height)
-        ref = reference_frame(spec, avatar.cfg.codec.height)
-        real_f.append(extractor.frames(real))
-        real_c.append(extractor.clips(real))
-        # the shuffled-audio baseline: driven by another held-out clip's speech, scored against this clip's
-        other = make_clip("heldout", clips + i, seed, seconds)[2] if "shuffled" in modes else None
-        for m in modes:
-            drive = other if m == "shuffled" else audio
-            video, fps = _run(avatar, m, ref, drive, seed=i)
-            res = evaluate_video(nets, video, audio, ref, gt)  # always scored against the clip's own speech
-            res.update(fps=fps, clip=spec.name, mode=m)
-            gen_f[m].append(extractor.frames(video))
-            gen_c[m].append(extractor.clips(video))
-            per_mode[m].append(res)
-            bar.update(1)
-    bar.close()
-    summary = {m: {k: float(np.mean([r[k] for r in rs if k in r])) for k in SCALARS if any(k in r for r in rs)}
-               for m, rs in per_mode.items()}
-    for m in modes:  # distribution distances against the real held-out renders of the same clips
-        summary[m]["fid"] = frechet_distance(np.concatenate(gen_f[m]), np.concatenate(real_f))
-        summary[m]["fvd"] = frechet_distance(np.concatenate(gen_c[m]), np.concatenate(real_c))
-    curves = {m: {k: np.mean([r["curves"][k] for r in rs], axis=0).tolist() for k in rs[0]["curves"]}
-              for m, rs in per_mode.items()}
-    result = {"model": str(model), "clips": clips, "frames": frames, "seed": seed, "modes": modes,
-              "feature_extractors": {"sync": "corpus-trained SyncNet-style (assets/eval)",
-                                     "fid_fvd": extractor.name,
-                                     "lipsync": "corpus-trained mouth reader",
-                                     "identity": "corpus-trained IdentityNet"},
-              "summary": summary, "curves_per_second": curves,
-              "clips_detail": {m: [{k: v for k, v in r.items() if k != "curves"} for r in rs]
-                               for m, rs in per_mode.items()}}
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=1))
+    result: dict = {}
+    try:
+        for g, idx in enumerate(groups):
+            partners = [_shuffled_partner(i, clips) for i in idx] if "shuffled" in modes else []
+            source.prefetch(idx + partners)
+            if g + 1 < len(groups):  # synthesise the next batch while this one runs
+                source.prefetch(groups[g + 1])
+            data = {i: source.get(i) for i in idx}
+            others = {j: data[j]["audio"] if j in data else source.get(j)["audio"] for j in set(partners)}
+            for i in idx:
+                acc["real_f"].append(extractor.frames(data[i]["real"]))
+                acc["real_c"].append(extractor.clips(data[i]["real"]))
+            for m in modes:
+                # "shuffled": the method driven by another clip's speech, scored against this clip's own
+                drive = [others[p] for p in partners] if m == "shuffled" else [data[i]["audio"] for i in idx]
+                t0 = time.perf_counter()
+                videos = avatar.generate_batch([data[i]["ref"] for i in idx], drive, idx,
+                                               mode=m if m in MODES else "avatarforcing", options=ABLATIONS.get(m))
+                acc["gen_s"][m] += time.perf_counter() - t0
+                for i, video in zip(idx, videos):
+                    res = evaluate_video(nets, video, data[i]["audio"], data[i]["ref"], data[i]["gt"])
+                    res.update(clip=data[i]["name"], mode=m)
+                    acc["gen_f"][m].append(extractor.frames(video))
+                    acc["gen_c"][m].append(extractor.clips(video))
+                    acc["per_mode"][m].append(res)
+                    bar.update(1)
+            done = idx[-1] + 1
+            result = _result(model, clips, done, frames, seed, modes, batch, device, extractor.name, acc,
+                             time.perf_counter() - t_start)
+            if json_path:
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                text = json.dumps(result, indent=1)
+                atomic_write(Path(json_path), lambda tmp, text=text: tmp.write_text(text))
+            if deadline_minutes is not None and time.perf_counter() - t_start > 60 * deadline_minutes:
+                break
+    finally:
+        bar.close()
+        source.close()
     if report_dir:
         write_report(result, Path(report_dir))
     return result
+
+
+def _result(model, clips, done, frames, seed, modes, batch, device, extractor_name, acc, wall_s) -> dict:
+    per_mode = acc["per_mode"]
+    summary = {m: {k: float(np.mean([r[k] for r in rs if k in r])) for k in SCALARS if any(k in r for r in rs)}
+               for m, rs in per_mode.items()}
+    real_f, real_c = np.concatenate(acc["real_f"]), np.concatenate(acc["real_c"])
+    for m in modes:  # distribution distances against the real held-out renders of the same clips
+        summary[m]["fid"] = frechet_distance(np.concatenate(acc["gen_f"][m]), real_f)
+        summary[m]["fvd"] = frechet_distance(np.concatenate(acc["gen_c"][m]), real_c)
+        summary[m]["fps"] = done * frames / acc["gen_s"][m]  # frames generated per second (all streams)
+    curves = {m: {k: np.mean([r["curves"][k] for r in rs], axis=0).tolist() for k in rs[0]["curves"]}
+              for m, rs in per_mode.items()}
+    return {"model": str(model), "clips": done, "clips_requested": clips, "frames": frames, "seed": seed,
+            "modes": modes, "batch": batch, "device": device, "wall_s": wall_s,
+            "feature_extractors": {"sync": "corpus-trained SyncNet-style (assets/eval)", "fid_fvd": extractor_name,
+                                   "lipsync": "corpus-trained mouth reader",
+                                   "identity": "corpus-trained IdentityNet"},
+            "summary": summary, "curves_per_second": curves,
+            "clips_detail": {m: [{k: v for k, v in r.items() if k != "curves"} for r in rs]
+                             for m, rs in per_mode.items()}}
 
 
 def markdown_table(result: dict) -> str:

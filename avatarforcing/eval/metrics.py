@@ -1,5 +1,6 @@
 """Video metrics: lip sync against ground truth, SyncNet-style Sync-C / Sync-D, identity drift, colour
-drift, temporal flicker. Inputs: uint8 frames [T, H, W, 3] at 25 fps and float32 16 kHz audio."""
+drift, temporal flicker. Inputs: uint8 frames [T, H, W, 3] at 25 fps and float32 16 kHz audio. The networks
+run where ``nets`` lives (``load_eval_nets().to("cuda")`` for a benchmark of hundreds of clips)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ from .nets import face_crop, mouth_crop, sync_scores
 FPS = 25
 
 
-def _tensor(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(frames, np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1
+def _device(nets) -> torch.device:
+    return next(nets.parameters()).device
+
+
+def _tensor(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [T, 3, H, W] in [-1, 1] on ``device``."""
+    x = torch.from_numpy(np.array(frames, np.uint8)).to(device)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -45,14 +52,13 @@ def colour_drift(frames: np.ndarray) -> dict:
     return out
 
 
-def flicker(frames: np.ndarray) -> list[float]:
+@torch.no_grad()
+def flicker(frames: np.ndarray, device: torch.device | str = "cpu") -> list[float]:
     """Per second: mean absolute difference between consecutive frames (0..255 scale), after 4x4 pooling."""
-    f = frames.astype(np.float32)
-    t, h, w, _ = f.shape
-    f = f[:, : h // 4 * 4, : w // 4 * 4].reshape(t, h // 4, 4, w // 4, 4, 3).mean((2, 4))
-    d = np.abs(np.diff(f, axis=0)).mean((1, 2, 3))
+    f = torch.nn.functional.avg_pool2d((_tensor(frames, device) + 1) * 127.5, 4)  # [T, 3, H/4, W/4]
+    d = (f[1:] - f[:-1]).abs().mean((1, 2, 3)).double().cpu().numpy()
     d = np.concatenate([[d[0] if len(d) else 0.0], d])
-    return [float(d[s].mean()) for s in _seconds(t)]
+    return [float(d[s].mean()) for s in _seconds(len(frames))]
 
 
 @torch.no_grad()
@@ -60,9 +66,9 @@ def mouth_readings(nets, frames: np.ndarray, batch: int = 256) -> tuple[np.ndarr
     """(opening/width/rounding [T, 3], viseme [T]) read from the pixels."""
     regs, vis = [], []
     for i in range(0, len(frames), batch):
-        r, logits = nets["reader"](mouth_crop(_tensor(frames[i:i + batch])))
-        regs.append(r.numpy())
-        vis.append(logits.argmax(-1).numpy())
+        r, logits = nets["reader"](mouth_crop(_tensor(frames[i:i + batch], _device(nets))))
+        regs.append(r.cpu().numpy())
+        vis.append(logits.argmax(-1).cpu().numpy())
     return np.concatenate(regs), np.concatenate(vis)
 
 
@@ -78,20 +84,20 @@ def lip_sync(nets, frames: np.ndarray, gt: dict) -> dict:
 @torch.no_grad()
 def identity_drift(nets, frames: np.ndarray, reference: np.ndarray) -> list[float]:
     """Per second: cosine distance between the mean identity embedding of that second and the reference's."""
-    ref = nets["ident"].embed(face_crop(_tensor(reference[None])))[0]
-    out = []
-    for s in _seconds(len(frames)):
-        e = nets["ident"].embed(face_crop(_tensor(frames[s]))).mean(0)
-        out.append(float(1 - torch.nn.functional.cosine_similarity(e, ref, dim=0)))
-    return out
+    dev = _device(nets)
+    ref = nets["ident"].embed(face_crop(_tensor(reference[None], dev)))[0]
+    emb = torch.cat([nets["ident"].embed(face_crop(_tensor(frames[i:i + 256], dev)))
+                     for i in range(0, len(frames), 256)])
+    means = torch.stack([emb[s].mean(0) for s in _seconds(len(frames))])  # [seconds, D]
+    return (1 - torch.nn.functional.cosine_similarity(means, ref[None], dim=1)).double().cpu().tolist()
 
 
 def sync(nets, frames: np.ndarray, audio: np.ndarray) -> dict:
     fe = MelFrontEnd(preset("mini").codec)
     rows = fe.offline(audio)
     n = min(len(rows), len(frames))
-    crops = mouth_crop(_tensor(frames[:n]))
-    return sync_scores(nets["sync"], crops, rows[:n])
+    crops = mouth_crop(_tensor(frames[:n], _device(nets)))
+    return sync_scores(nets["sync"], crops, rows[:n].to(crops.device))
 
 
 def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.ndarray | None = None,
@@ -103,7 +109,7 @@ def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.nd
         res.update(lip_sync(nets, frames, gt))
     colour = colour_drift(frames)
     curves = {"colour_drift_face": colour["face"], "colour_drift_background": colour["background"],
-              "flicker": flicker(frames)}
+              "flicker": flicker(frames, _device(nets))}
     if reference is not None:
         curves["identity_drift"] = identity_drift(nets, frames, reference)
     res["curves"] = curves
@@ -141,15 +147,16 @@ class CorpusFeatures:
 
     @torch.no_grad()
     def frames(self, frames: np.ndarray) -> np.ndarray:
-        out = [self.nets["ident"].body(face_crop(_tensor(frames[i:i + 256]))) for i in range(0, len(frames), 256)]
-        return torch.cat(out).numpy()
+        dev = _device(self.nets)
+        out = [self.nets["ident"].body(face_crop(_tensor(frames[i:i + 256], dev))) for i in range(0, len(frames), 256)]
+        return torch.cat(out).cpu().numpy()
 
     @torch.no_grad()
     def clips(self, frames: np.ndarray) -> np.ndarray:
         from .nets import windows
 
-        crops = mouth_crop(_tensor(frames))
-        return self.nets["sync"].video(windows(crops)[::5].flatten(1, 2)).numpy()
+        crops = mouth_crop(_tensor(frames, _device(self.nets)))
+        return self.nets["sync"].video(windows(crops)[::5].flatten(1, 2)).cpu().numpy()
 
 
 class TorchScriptFeatures:

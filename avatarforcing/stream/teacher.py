@@ -7,13 +7,15 @@ guidance on audio (the negative branch has all-zero audio): v = v_neg + g (v_pos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from ..config import Config
 from ..model import AvatarDiT
 from .schedule import teacher_sigmas
-from .window import Trace
+from .window import Trace, noise_like
 
 
 def teacher_velocity(model: AvatarDiT, x_in: Tensor, t: Tensor, pos: Tensor, audio: Tensor | None,
@@ -26,10 +28,14 @@ def teacher_velocity(model: AvatarDiT, x_in: Tensor, t: Tensor, pos: Tensor, aud
 
 
 class TeacherSampler:
-    def __init__(self, model: AvatarDiT, cfg: Config, reference: Tensor, generator: torch.Generator,
-                 chunk_blocks: int | None = None, steps: int | None = None, guidance: float | None = None):
+    """One stream, or N streams together (reference [N, ...], one generator per stream)."""
+
+    def __init__(self, model: AvatarDiT, cfg: Config, reference: Tensor,
+                 generator: torch.Generator | Sequence[torch.Generator], chunk_blocks: int | None = None,
+                 steps: int | None = None, guidance: float | None = None):
         s = cfg.stream
-        self.model, self.cfg, self.reference, self.gen = model, cfg, reference, generator
+        self.model, self.cfg, self.reference = model, cfg, reference
+        self.gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
         self.B = s.block_frames
         self.chunk_blocks = chunk_blocks or s.window_blocks
         self.sigmas = teacher_sigmas(steps or s.teacher_steps, s.shift)
@@ -56,10 +62,10 @@ class TeacherSampler:
         blocks, self.pending = self.pending, []
         n_new = len(blocks) * self.B
         ref = self.reference
-        _, c, _, h, w = ref.shape
+        n, c, _, h, w = ref.shape
         ctx = self.context if self.context is not None else ref[:, :, :0]
         n_clean = 1 + ctx.shape[2]
-        x = torch.randn((1, c, n_new, h, w), generator=self.gen).to(ref.device, ref.dtype)
+        x = noise_like((n, c, n_new, h, w), self.gens, ref)
         audio = None
         if all(a is not None for a in blocks):
             new_audio = torch.cat(blocks, dim=1)
@@ -72,8 +78,8 @@ class TeacherSampler:
         for s_now, s_next in zip(self.sigmas[:-1], self.sigmas[1:]):
             seq = torch.cat([ref, ctx, x], dim=2)
             t = torch.cat([torch.zeros(n_clean), torch.full((n_new,), s_now)]).to(ref.device) * self.T
-            v = teacher_velocity(self.model, self.model.condition(seq, ref, is_ref), t.view(1, f), pos, audio,
-                                 self.guidance)
+            x_in = self.model.condition(seq, ref, is_ref)
+            v = teacher_velocity(self.model, x_in, t.view(1, f).expand(n, f), pos, audio, self.guidance)
             self.trace.model_calls += 1 if audio is None else 2
             x = x + (s_next - s_now) * v[:, :, n_clean:]  # Euler step of dx/ds = v
         self.context = x[:, :, x.shape[2] - self.overlap:] if self.overlap else None

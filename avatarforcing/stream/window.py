@@ -17,6 +17,7 @@ reaches a position ceiling. ``Options`` switches the paper's ablations.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,8 +40,8 @@ class Options:
 @dataclass
 class Block:
     index: int  # block number in the stream (0, 1, ...)
-    x: Tensor  # [1, C, B, h, w] current noisy latent
-    audio: Tensor | None  # [1, B, pack, dim]
+    x: Tensor  # [N, C, B, h, w] current noisy latent (N streams in a batch)
+    audio: Tensor | None  # [N, B, pack, dim]
     age: int = 0  # steps taken so far
 
 
@@ -54,15 +55,28 @@ class Trace:
     prefix_offsets: list[int] = field(default_factory=list)  # window_start - anchor position per step
 
 
+def noise_like(shape: Sequence[int], generators: list[torch.Generator], like: Tensor) -> Tensor:
+    """Gaussian noise [N, ...], stream i's slice drawn from ``generators[i]`` (so a stream's noise does not
+    depend on the batch it runs in)."""
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]} streams")
+    noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators])
+    return noise.to(like.device, like.dtype)
+
+
 class WindowSampler:
-    def __init__(self, model: AvatarDiT, cfg: Config, reference: Tensor, generator: torch.Generator,
-                 options: Options | None = None, window_blocks: int | None = None,
-                 denoising_steps: tuple[int, ...] | None = None, context: Tensor | None = None):
+    """One stream, or N streams stepped together (reference [N, ...], one generator per stream)."""
+
+    def __init__(self, model: AvatarDiT, cfg: Config, reference: Tensor,
+                 generator: torch.Generator | Sequence[torch.Generator], options: Options | None = None,
+                 window_blocks: int | None = None, denoising_steps: tuple[int, ...] | None = None,
+                 context: Tensor | None = None):
         s = cfg.stream
-        self.context = context  # [1, Lt, text_dim] cached text embeddings, or None
+        self.context = context  # [N, Lt, text_dim] cached text embeddings, or None
         self.model, self.cfg, self.opt = model, cfg, options or Options()
-        self.reference = reference  # [1, C, 1, h, w]
-        self.gen = generator
+        self.reference = reference  # [N, C, 1, h, w]
+        self.gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
+        self.n = reference.shape[0]
         self.B = s.block_frames
         self.L = window_blocks or s.window_blocks
         steps = denoising_steps or s.denoising_steps
@@ -74,7 +88,7 @@ class WindowSampler:
         p = model.cfg.patch_size
         self.tpf = (h // p[1]) * (w // p[2])
         mc = model.cfg
-        self.kv = KVBuffer(mc.num_layers, 1, self.tpf, mc.num_heads, mc.head_dim, self.n_temporal,
+        self.kv = KVBuffer(mc.num_layers, self.n, self.tpf, mc.num_heads, mc.head_dim, self.n_temporal,
                            reference.device, reference.dtype)
         self.window: list[Block] = []
         self.next_index = 0
@@ -84,7 +98,7 @@ class WindowSampler:
     # ----------------------------------------------------------------- public
 
     def push(self, audio: Tensor | None, grad: bool = False) -> list[Tensor]:
-        """Add one pure-noise block (with its audio rows [1, B, pack, dim]) and step; returns emitted blocks.
+        """Add one pure-noise block (with its audio rows [N, B, pack, dim]) and step; returns emitted blocks.
 
         ``grad=True`` keeps the autograd graph of this step's window prediction (``last_x0``), for DMD.
         """
@@ -107,7 +121,7 @@ class WindowSampler:
     # ----------------------------------------------------------------- internals
 
     def _noise(self, shape) -> Tensor:
-        return torch.randn(shape, generator=self.gen).to(self.reference.device, self.reference.dtype)
+        return noise_like(shape, self.gens, self.reference)
 
     def _level(self, block: Block) -> int:
         """Position index of a block (0 = oldest level s_1)."""
@@ -142,7 +156,7 @@ class WindowSampler:
         flags = torch.full((f,), is_ref, dtype=torch.bool, device=x.device)
         x_in = self.model.condition(x, self.reference, flags)
         self.trace.model_calls += 1
-        t = (sig.float() * self.T).view(1, f)
+        t = (sig.float() * self.T).view(1, f).expand(x.shape[0], f)
         return self.model(x_in, t, pos, audio=audio, context=self.context, prefix=prefix, return_kv=return_kv)
 
     def _write_anchor(self, first_audio: Tensor | None) -> None:
