@@ -251,7 +251,7 @@ def cmd_eval(args) -> int:
         res = run_longform(args.model, args.clips, args.frames, [m for m in args.modes.split(",") if m],
                            args.json, args.report, eval_nets=nets_dir, device=args.device,
                            fid_extractor=args.fid_extractor, batch=args.batch, workers=args.workers,
-                           deadline_minutes=args.deadline_min)
+                           deadline_minutes=args.deadline_min, first=args.first)
         print(markdown_table(res))
         return 0
     if not args.video:
@@ -357,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch", type=int, default=1, help="longform: clips per engine run (e.g. 100 on a GPU)")
     e.add_argument("--workers", type=int, default=0, help="longform: processes synthesising clips ahead")
+    e.add_argument("--first", type=int, default=0, help="longform: first clip index (resume a run cut short)")
     e.add_argument("--deadline-min", type=float, help="longform: stop after the batch that passes this many minutes "
                                                      "(the JSON is rewritten after every batch)")
     e.set_defaults(func=cmd_eval)

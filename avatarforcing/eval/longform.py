@@ -78,17 +78,20 @@ def _shuffled_partner(i: int, clips: int) -> int:
 def run_longform(model: str, clips: int, frames: int, modes: list[str], json_path: str | Path | None,
                  report_dir: str | Path | None, seed: int = 1234, eval_nets: str | Path = EVAL_WEIGHTS,
                  device: str = "cpu", progress: bool = True, fid_extractor: str | None = None, batch: int = 1,
-                 workers: int = 0, deadline_minutes: float | None = None) -> dict:
-    """Every mode on held-out clips 0..clips-1, ``batch`` clips per engine run (``Avatar.generate_batch``).
+                 workers: int = 0, deadline_minutes: float | None = None, first: int = 0) -> dict:
+    """Every mode on held-out clips first..clips-1, ``batch`` clips per engine run (``Avatar.generate_batch``).
 
     Clip i is generated with seed i in every mode. The JSON is rewritten after every batch, so an interrupted
     run leaves the clips done so far; with ``deadline_minutes`` the run stops after the batch that passes it.
+    ``first`` resumes such a run: per-clip results do not depend on how the clips are split into runs (the
+    shuffled-audio partner is defined over all ``clips``); FID/FVD cover the clips of this run only.
     """
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
         raise ValueError(f"unknown modes {unknown}; expected some of {ALL_MODES}")
-    if clips < 1 or frames < 1 or batch < 1:
-        raise ValueError(f"clips, frames and batch must be positive (got {clips}, {frames}, {batch})")
+    if clips < 1 or frames < 1 or batch < 1 or not 0 <= first < clips:
+        raise ValueError(f"need clips, frames, batch >= 1 and 0 <= first < clips (got {clips}, {frames}, {batch}, "
+                         f"{first})")
     t_start = time.perf_counter()
     avatar = Avatar.load(model, device)
     nets = load_eval_nets(eval_nets).to(device)
@@ -97,8 +100,8 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
     acc = {"real_f": [], "real_c": [], "gen_f": {m: [] for m in modes}, "gen_c": {m: [] for m in modes},
            "per_mode": {m: [] for m in modes}, "gen_s": {m: 0.0 for m in modes}}
     source = _Clips(seed, frames / 25, size, workers)
-    groups = [list(range(lo, min(clips, lo + batch))) for lo in range(0, clips, batch)]
-    bar = tqdm(total=clips * len(modes), desc="longform", disable=not progress)
+    groups = [list(range(lo, min(clips, lo + batch))) for lo in range(first, clips, batch)]
+    bar = tqdm(total=(clips - first) * len(modes), desc="longform", disable=not progress)
     result: dict = {}
     try:
         for g, idx in enumerate(groups):
@@ -126,7 +129,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                     acc["per_mode"][m].append(res)
                     bar.update(1)
             done = idx[-1] + 1
-            result = _result(model, clips, done, frames, seed, modes, batch, device, extractor.name, acc,
+            result = _result(model, clips, first, done, frames, seed, modes, batch, device, extractor.name, acc,
                              time.perf_counter() - t_start)
             if json_path:
                 Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
     return result
 
 
-def _result(model, clips, done, frames, seed, modes, batch, device, extractor_name, acc, wall_s) -> dict:
+def _result(model, clips, first, done, frames, seed, modes, batch, device, extractor_name, acc, wall_s) -> dict:
     per_mode = acc["per_mode"]
     summary = {m: {k: float(np.mean([r[k] for r in rs if k in r])) for k in SCALARS if any(k in r for r in rs)}
                for m, rs in per_mode.items()}
@@ -150,10 +153,11 @@ def _result(model, clips, done, frames, seed, modes, batch, device, extractor_na
     for m in modes:  # distribution distances against the real held-out renders of the same clips
         summary[m]["fid"] = frechet_distance(np.concatenate(acc["gen_f"][m]), real_f)
         summary[m]["fvd"] = frechet_distance(np.concatenate(acc["gen_c"][m]), real_c)
-        summary[m]["fps"] = done * frames / acc["gen_s"][m]  # frames generated per second (all streams)
+        summary[m]["fps"] = (done - first) * frames / acc["gen_s"][m]  # frames generated per second, all streams
     curves = {m: {k: np.mean([r["curves"][k] for r in rs], axis=0).tolist() for k in rs[0]["curves"]}
               for m, rs in per_mode.items()}
-    return {"model": str(model), "clips": done, "clips_requested": clips, "frames": frames, "seed": seed,
+    return {"model": str(model), "clips": done - first, "first": first, "clips_requested": clips - first,
+            "frames": frames, "seed": seed,
             "modes": modes, "batch": batch, "device": device, "wall_s": wall_s,
             "feature_extractors": {"sync": "corpus-trained SyncNet-style (assets/eval)", "fid_fvd": extractor_name,
                                    "lipsync": "corpus-trained mouth reader",
