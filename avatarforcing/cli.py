@@ -254,6 +254,27 @@ def cmd_eval(args) -> int:
                            deadline_minutes=args.deadline_min, first=args.first)
         print(markdown_table(res))
         return 0
+    if args.what == "merge":
+        from .eval.longform import markdown_table, merge_longform, write_report
+
+        if not args.parts:
+            raise AvatarForcingError("eval merge needs the JSON files of the runs: --parts A.json B.json ...")
+        parts = []
+        for p in args.parts:
+            try:
+                parts.append(json.loads(Path(p).read_text()))
+            except (OSError, ValueError) as e:
+                raise AvatarForcingError(f"{p}: not a readable longform JSON ({e})") from e
+        try:
+            res = merge_longform(parts)
+        except (KeyError, ValueError) as e:
+            raise AvatarForcingError(f"eval merge: {e}") from e
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        if args.report:
+            write_report(res, Path(args.report))
+        print(markdown_table(res))
+        return 0
     if not args.video:
         raise AvatarForcingError("eval video needs --video FILE.mp4")
     import numpy as np
@@ -340,8 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics and the long-form benchmark",
                        description="longform: every mode/ablation on the same held-out clips -> JSON, markdown, "
-                                   "PNG drift curves. video: the same metrics on any MP4 (with its audio).")
-    e.add_argument("what", choices=["longform", "video"])
+                                   "PNG drift curves. video: the same metrics on any MP4 (with its audio). "
+                                   "merge: one result from longform runs over consecutive clip ranges.")
+    e.add_argument("what", choices=["longform", "video", "merge"])
+    e.add_argument("--parts", nargs="+", help="merge: longform JSONs of consecutive clip ranges (--first)")
     e.add_argument("--model", default="mini")
     e.add_argument("--clips", type=int, default=400)
     e.add_argument("--frames", type=int, default=400)

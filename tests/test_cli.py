@@ -43,6 +43,10 @@ def test_errors_exit_2_without_traceback(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "x.pt"), "--out", str(tmp_path / "o"), "--config",
                  str(tmp_path / "bad.yaml")]) == 2
     assert "model.dim" in capsys.readouterr().err
+    (tmp_path / "part.json").write_text("{not json")
+    assert main(["eval", "merge", "--parts", str(tmp_path / "part.json")]) == 2
+    err = capsys.readouterr().err
+    assert "part.json: not a readable longform JSON" in err and "Traceback" not in err
 
 
 def test_generate_writes_video_matching_audio(tmp_path, capsys):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from avatarforcing.data.corpus import make_clip
-from avatarforcing.eval.longform import run_longform, write_report
+from avatarforcing.eval.longform import merge_longform, run_longform, write_report
 from avatarforcing.eval.metrics import colour_drift, flicker, lip_sync, sync
 from avatarforcing.eval.nets import load_eval_nets
 
@@ -73,6 +73,15 @@ def test_longform_batched_equals_one_clip_at_a_time(tmp_path):
                        deadline_minutes=0)
     assert cut["clips"] == 2 and cut["clips_requested"] == 3
     assert json.loads((tmp_path / "cut.json").read_text())["clips"] == 2
+    # ... and a second run from clip 2 completes it: merged, the per-clip scores are those of one run
+    rest = run_longform("mini", 3, 50, ["avatarforcing"], None, None, progress=False, first=2)
+    assert rest["clips"] == 1 and rest["clips_detail"]["avatarforcing"][0]["clip"] == "heldout-00002"
+    merged = merge_longform([rest, cut])
+    assert merged["clips"] == 3 and len(merged["summary"]["avatarforcing"]["fid_parts"]) == 2
+    for k in ("lipsync_r", "sync_c", "identity_drift_end"):
+        assert merged["summary"]["avatarforcing"][k] == pytest.approx(one["summary"]["avatarforcing"][k], abs=2e-3)
+    with pytest.raises(ValueError, match="consecutive"):
+        merge_longform([rest, rest])
 
 
 def test_frechet_distance_matches_closed_form_and_orders_distributions(nets, clip):

@@ -167,6 +167,43 @@ def _result(model, clips, first, done, frames, seed, modes, batch, device, extra
                              for m, rs in per_mode.items()}}
 
 
+def merge_longform(parts: list[dict]) -> dict:
+    """One result from runs over consecutive clip ranges (``run_longform(first=...)``) of the same benchmark.
+
+    Per-clip scores are averaged over all clips and the curves weighted by clip count, exactly as one run would
+    have done; FID/FVD are distribution distances of each run's own clips, so they are kept per part
+    (``fid_parts``/``fvd_parts``) and the summary's ``fid``/``fvd`` is their clip-weighted mean.
+    """
+    parts = sorted(parts, key=lambda r: r.get("first", 0))
+    keys = ("model", "frames", "seed", "modes")
+    for r in parts[1:]:
+        if any(r[k] != parts[0][k] for k in keys):
+            raise ValueError(f"runs differ in {[k for k in keys if r[k] != parts[0][k]]}; cannot merge")
+    pos = 0
+    for r in parts:
+        if r.get("first", 0) != pos:
+            raise ValueError(f"clip ranges are not consecutive: a run starts at clip {r.get('first', 0)}, "
+                             f"expected {pos}")
+        pos += r["clips"]
+    modes, n = parts[0]["modes"], [r["clips"] for r in parts]
+    detail = {m: [d for r in parts for d in r["clips_detail"][m]] for m in modes}
+    summary = {m: {k: float(np.mean([d[k] for d in detail[m] if k in d])) for k in SCALARS
+                   if any(k in d for d in detail[m])} for m in modes}
+    for m in modes:
+        for k in ("fid", "fvd"):
+            summary[m][f"{k}_parts"] = [r["summary"][m][k] for r in parts]
+            summary[m][k] = float(np.average(summary[m][f"{k}_parts"], weights=n))
+        gen_s = sum(c * r["frames"] / r["summary"][m]["fps"] for c, r in zip(n, parts))
+        summary[m]["fps"] = sum(n) * parts[0]["frames"] / gen_s
+    curves = {m: {k: np.average([r["curves_per_second"][m][k] for r in parts], axis=0, weights=n).tolist()
+                  for k in parts[0]["curves_per_second"][m]} for m in modes}
+    out = {k: parts[0][k] for k in (*keys, "batch", "device", "feature_extractors")}
+    out.update(clips=sum(n), first=0, clips_requested=sum(n), wall_s=sum(r["wall_s"] for r in parts),
+               parts=[{"first": r.get("first", 0), "clips": r["clips"], "wall_s": r["wall_s"]} for r in parts],
+               summary=summary, curves_per_second=curves, clips_detail=detail)
+    return out
+
+
 def markdown_table(result: dict) -> str:
     cols = [c for c in SCALARS if any(c in s for s in result["summary"].values())]
     lines = ["| mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
