@@ -64,7 +64,10 @@ def read_state_dict(path: str | Path) -> StateDict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):

@@ -251,7 +251,7 @@ def cmd_eval(args) -> int:
         res = run_longform(args.model, args.clips, args.frames, [m for m in args.modes.split(",") if m],
                            args.json, args.report, eval_nets=nets_dir, device=args.device,
                            fid_extractor=args.fid_extractor, batch=args.batch, workers=args.workers,
-                           deadline_minutes=args.deadline_min, first=args.first)
+                           deadline_minutes=args.deadline_min, first=args.first, syncnet_v2=args.syncnet_v2)
         print(markdown_table(res))
         return 0
     if args.what == "merge":
@@ -294,7 +294,12 @@ def cmd_eval(args) -> int:
     ref = None
     if args.reference:
         ref = np.asarray(load_image(args.reference).resize(frames.shape[2:0:-1]))
-    res = evaluate_video(load_eval_nets(nets_dir), frames, audio, ref)
+    lse_net = None
+    if args.syncnet_v2:
+        from .eval.syncnet_v2 import load_syncnet_v2
+
+        lse_net = load_syncnet_v2(args.syncnet_v2, args.device)
+    res = evaluate_video(load_eval_nets(nets_dir).to(args.device), frames, audio, ref, syncnet_v2=lse_net)
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:
@@ -376,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", help="eval video: the MP4 to score")
     e.add_argument("--audio", help="eval video: the speech (default: the MP4's own audio track)")
     e.add_argument("--reference", help="eval video: the reference portrait (for identity drift)")
+    e.add_argument("--syncnet-v2", help="the public SyncNet's syncnet_v2.model: adds LSE-C / LSE-D (not shipped)")
     e.add_argument("--fid-extractor", help="TorchScript feature extractor for FID/FVD (default: corpus-trained)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch", type=int, default=1, help="longform: clips per engine run (e.g. 100 on a GPU)")

@@ -61,3 +61,16 @@ def test_generate_writes_video_matching_audio(tmp_path, capsys):
     frames, fps, audio = read_video(tmp_path / "o.mp4")
     assert len(frames) == 51 and abs(len(audio) - (2 * 16000 + 100)) <= 640
     assert "51 frames" in capsys.readouterr().out
+    # the generated video scored by `eval video`, with the public SyncNet's procedure on weights built here
+    import json
+
+    import torch
+
+    from avatarforcing.eval.syncnet_v2 import SyncNetV2
+
+    torch.manual_seed(0)
+    torch.save(SyncNetV2().state_dict(), tmp_path / "syncnet_v2.model")
+    assert main(["eval", "video", "--video", str(tmp_path / "o.mp4"), "--syncnet-v2",
+                 str(tmp_path / "syncnet_v2.model")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["frames"] == 51 and {"sync_c", "lse_c", "lse_d", "lse_offset"} <= set(res)

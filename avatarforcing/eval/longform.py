@@ -23,6 +23,7 @@ from ..checkpoints import atomic_write
 from ..data.corpus import make_clip, reference_frame
 from .metrics import CorpusFeatures, TorchScriptFeatures, evaluate_video, frechet_distance
 from .nets import EVAL_WEIGHTS, load_eval_nets
+from .syncnet_v2 import load_syncnet_v2
 
 ABLATIONS = {
     "no-style-anchor": Options(style_anchor=False),
@@ -30,9 +31,11 @@ ABLATIONS = {
     "no-audio-zero-pad": Options(audio_zero_pad=False),
     "no-temporal-anchor": Options(temporal_anchor=False),
 }
-ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS]
-SCALARS = ["lipsync_r", "viseme_acc", "sync_c", "sync_d", "identity_drift_end", "identity_drift_first_minute",
-           "colour_drift_face_end", "colour_drift_background_end", "flicker_end", "fid", "fvd", "fps"]
+# "real": the held-out render itself, scored the same way (the ceiling of every metric)
+ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, "real"]
+SCALARS = ["lipsync_r", "viseme_acc", "sync_c", "sync_d", "lse_c", "lse_d", "identity_drift_end",
+           "identity_drift_first_minute", "colour_drift_face_end", "colour_drift_background_end", "flicker_end",
+           "fid", "fvd", "fps"]
 
 
 def _clip(args: tuple[int, int, float, int]) -> dict:
@@ -78,13 +81,15 @@ def _shuffled_partner(i: int, clips: int) -> int:
 def run_longform(model: str, clips: int, frames: int, modes: list[str], json_path: str | Path | None,
                  report_dir: str | Path | None, seed: int = 1234, eval_nets: str | Path = EVAL_WEIGHTS,
                  device: str = "cpu", progress: bool = True, fid_extractor: str | None = None, batch: int = 1,
-                 workers: int = 0, deadline_minutes: float | None = None, first: int = 0) -> dict:
+                 workers: int = 0, deadline_minutes: float | None = None, first: int = 0,
+                 syncnet_v2: str | Path | None = None) -> dict:
     """Every mode on held-out clips first..clips-1, ``batch`` clips per engine run (``Avatar.generate_batch``).
 
     Clip i is generated with seed i in every mode. The JSON is rewritten after every batch, so an interrupted
     run leaves the clips done so far; with ``deadline_minutes`` the run stops after the batch that passes it.
-    ``first`` resumes such a run: per-clip results do not depend on how the clips are split into runs (the
-    shuffled-audio partner is defined over all ``clips``); FID/FVD cover the clips of this run only.
+    ``syncnet_v2``: path of the public SyncNet's weights, to add LSE-C / LSE-D. ``first`` resumes such a run:
+    per-clip results do not depend on how the clips are split into runs (the shuffled-audio partner is defined
+    over all ``clips``); FID/FVD cover the clips of this run only.
     """
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
@@ -95,6 +100,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
     t_start = time.perf_counter()
     avatar = Avatar.load(model, device)
     nets = load_eval_nets(eval_nets).to(device)
+    lse_net = load_syncnet_v2(syncnet_v2, device) if syncnet_v2 else None
     size = avatar.cfg.codec.height
     extractor = TorchScriptFeatures(fid_extractor) if fid_extractor else CorpusFeatures(nets)
     acc = {"real_f": [], "real_c": [], "gen_f": {m: [] for m in modes}, "gen_c": {m: [] for m in modes},
@@ -118,11 +124,14 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                 # "shuffled": the method driven by another clip's speech, scored against this clip's own
                 drive = [others[p] for p in partners] if m == "shuffled" else [data[i]["audio"] for i in idx]
                 t0 = time.perf_counter()
-                videos = avatar.generate_batch([data[i]["ref"] for i in idx], drive, idx,
-                                               mode=m if m in MODES else "avatarforcing", options=ABLATIONS.get(m))
+                if m == "real":
+                    videos = [data[i]["real"] for i in idx]
+                else:
+                    videos = avatar.generate_batch([data[i]["ref"] for i in idx], drive, idx,
+                                                   mode=m if m in MODES else "avatarforcing", options=ABLATIONS.get(m))
                 acc["gen_s"][m] += time.perf_counter() - t0
                 for i, video in zip(idx, videos):
-                    res = evaluate_video(nets, video, data[i]["audio"], data[i]["ref"], data[i]["gt"])
+                    res = evaluate_video(nets, video, data[i]["audio"], data[i]["ref"], data[i]["gt"], lse_net)
                     res.update(clip=data[i]["name"], mode=m)
                     acc["gen_f"][m].append(extractor.frames(video))
                     acc["gen_c"][m].append(extractor.clips(video))
@@ -153,7 +162,8 @@ def _result(model, clips, first, done, frames, seed, modes, batch, device, extra
     for m in modes:  # distribution distances against the real held-out renders of the same clips
         summary[m]["fid"] = frechet_distance(np.concatenate(acc["gen_f"][m]), real_f)
         summary[m]["fvd"] = frechet_distance(np.concatenate(acc["gen_c"][m]), real_c)
-        summary[m]["fps"] = (done - first) * frames / acc["gen_s"][m]  # frames generated per second, all streams
+        if m != "real":  # frames generated per second, all streams of a batch together
+            summary[m]["fps"] = (done - first) * frames / acc["gen_s"][m]
     curves = {m: {k: np.mean([r["curves"][k] for r in rs], axis=0).tolist() for k in rs[0]["curves"]}
               for m, rs in per_mode.items()}
     return {"model": str(model), "clips": done - first, "first": first, "clips_requested": clips - first,
@@ -193,8 +203,9 @@ def merge_longform(parts: list[dict]) -> dict:
         for k in ("fid", "fvd"):
             summary[m][f"{k}_parts"] = [r["summary"][m][k] for r in parts]
             summary[m][k] = float(np.average(summary[m][f"{k}_parts"], weights=n))
-        gen_s = sum(c * r["frames"] / r["summary"][m]["fps"] for c, r in zip(n, parts))
-        summary[m]["fps"] = sum(n) * parts[0]["frames"] / gen_s
+        if all("fps" in r["summary"][m] for r in parts):
+            gen_s = sum(c * r["frames"] / r["summary"][m]["fps"] for c, r in zip(n, parts))
+            summary[m]["fps"] = sum(n) * parts[0]["frames"] / gen_s
     curves = {m: {k: np.average([r["curves_per_second"][m][k] for r in parts], axis=0, weights=n).tolist()
                   for k in parts[0]["curves_per_second"][m]} for m in modes}
     out = {k: parts[0][k] for k in (*keys, "batch", "device", "feature_extractors")}

@@ -101,10 +101,15 @@ def sync(nets, frames: np.ndarray, audio: np.ndarray) -> dict:
 
 
 def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.ndarray | None = None,
-                   gt: dict | None = None) -> dict:
-    """All metrics of one video. Scalars plus per-second curves (``curves``)."""
+                   gt: dict | None = None, syncnet_v2=None) -> dict:
+    """All metrics of one video. Scalars plus per-second curves (``curves``). With ``syncnet_v2`` (the public
+    SyncNet, ``eval.syncnet_v2.load_syncnet_v2``) also LSE-C / LSE-D."""
     res: dict = {"frames": int(len(frames))}
     res.update(sync(nets, frames, audio))
+    if syncnet_v2 is not None:
+        from .syncnet_v2 import lse_scores
+
+        res.update(lse_scores(syncnet_v2, frames, audio))
     if gt is not None:
         res.update(lip_sync(nets, frames, gt))
     colour = colour_drift(frames)
