@@ -47,9 +47,13 @@ def test_wan_layout_recipe_with_a_pretrained_vae(tmp_path):
         "codec.height": 128, "codec.width": 128, "codec.audio": "mel"})
     corpus = tmp_path / "corpus"
     synth(corpus, 1, 4.0, "train", seed=2, progress=False, clip_files=False)
-    r = dataclasses.replace(SMOKE, vae_path=str(vae_dir), sample_every=0)
+    # a time budget finishes the teacher stage long before its (large) step count
+    r = dataclasses.replace(SMOKE, vae_path=str(vae_dir), sample_every=0, teacher_steps=100_000,
+                            stage_minutes={"teacher": 1e-6})
     run_recipe(corpus, tmp_path / "run", "cpu", r, cfg=cfg, export_to=tmp_path / "model")
     assert (tmp_path / "run" / "dmd.done").exists() and not (tmp_path / "run" / "vae.done").exists()
+    teacher = json.loads((tmp_path / "run" / "teacher.done").read_text())
+    assert teacher["steps"] == 1 and teacher["planned_steps"] == 100_000 and teacher["train_seconds"] > 0
     from avatarforcing.checkpoints import load_model
 
     model, cfg2 = load_model(tmp_path / "model")

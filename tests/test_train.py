@@ -1,4 +1,5 @@
 import os
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +43,38 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values()):
         assert torch.equal(a, b)
     assert not list((tmp_path / "b").glob("*.tmp"))
+
+
+def test_time_budget_counts_over_every_run_of_a_stage(tmp_path):
+    from avatarforcing.train.recipe import _check_finished
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 1)
+        return m, Trainer("toy", m, tmp_path, LoopConfig(steps=10_000, lr=1e-2, save_every=100), torch.device("cpu"))
+
+    def slow(model):
+        inner = _toy_step(model)
+
+        def step(s, micro, gen):
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.01:  # 10 ms of "training" per step
+                pass
+            return inner(s, micro, gen)
+        return step
+
+    m, tr = make()
+    tr.run(slow(m), progress=False, budget_seconds=0.05)
+    first = tr.step
+    assert 1 <= first < 10 and tr.seconds >= 0.05
+    assert _check_finished(tr, 10_000, "toy", 0.05)["steps"] == first  # the budget finishes the stage
+    m, tr = make()  # a new session: the time already spent is in the checkpoint, so nothing is left to do
+    assert tr.seconds >= 0.05
+    tr.run(slow(m), progress=False, budget_seconds=0.05)
+    assert tr.step == first
+    tr.run(slow(m), progress=False, deadline=0.0)  # a session deadline stops without finishing the stage
+    with pytest.raises(TimeoutError, match="resume"):
+        _check_finished(tr, 10_000, "toy", None)
 
 
 def test_ode_states_are_at_exactly_the_student_levels():

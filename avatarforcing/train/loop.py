@@ -100,6 +100,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(params if params is not None else model.parameters(), lr=cfg.lr,
                                      betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.step = 0
+        self.seconds = 0.0  # wall-clock seconds spent in training steps, over every run (kept in the checkpoint)
         self._tb = None
         self.ckpt = self.out / f"{name}.ckpt"
         if self.ckpt.exists():
@@ -121,11 +122,12 @@ class Trainer:
             )
 
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return {"step": self.step, "model": get_model_state_dict(self.model, options=full),
+            return {"step": self.step, "seconds": self.seconds, "model": get_model_state_dict(self.model, options=full),
                     "optim": get_optimizer_state_dict(self.model, self.opt, options=full),
                     "ema": get_model_state_dict(self.ema.model, options=full) if self.ema else None,
                     "extra": {}, "extra_optims": {}}
-        return {"step": self.step, "model": self.model.state_dict(), "optim": self.opt.state_dict(),
+        return {"step": self.step, "seconds": self.seconds, "model": self.model.state_dict(),
+                "optim": self.opt.state_dict(),
                 "ema": self.ema.model.state_dict() if self.ema else None,
                 "extra": {k: m.state_dict() for k, m in self.extra.items()},
                 "extra_optims": {k: o.state_dict() for k, o in self.extra_optims.items()}}
@@ -149,7 +151,7 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.opt, s["optim"], options=full)
             if self.ema and s["ema"] is not None:
                 set_model_state_dict(self.ema.model, s["ema"], options=full)
-            self.step = s["step"]
+            self.step, self.seconds = s["step"], s.get("seconds", 0.0)
             return
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["optim"])
@@ -159,7 +161,7 @@ class Trainer:
             m.load_state_dict(s["extra"][k])
         for k, o in self.extra_optims.items():
             o.load_state_dict(s["extra_optims"][k])
-        self.step = s["step"]
+        self.step, self.seconds = s["step"], s.get("seconds", 0.0)
 
     # ------------------------------------------------------------------ loop
 
@@ -182,18 +184,21 @@ class Trainer:
                     self._tb.add_scalar(f"{self.name}/{k}", v, record["step"])
 
     def run(self, step_fn: Callable, progress: bool = True, after_step: Callable | None = None,
-            deadline: float | None = None) -> None:
-        """Train to ``cfg.steps`` (or until the wall-clock ``deadline``, then checkpoint and return)."""
+            deadline: float | None = None, budget_seconds: float | None = None) -> None:
+        """Train to ``cfg.steps``, or until the wall-clock ``deadline`` (a ``time.time()``) or until the stage has
+        trained for ``budget_seconds`` in total over all its runs; then checkpoint and return."""
         from tqdm import tqdm
 
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not progress or self.rank != 0)
         t0 = time.perf_counter()
         while self.step < cfg.steps:
-            if deadline is not None and time.time() > deadline:
+            over_budget = budget_seconds is not None and self.seconds >= budget_seconds
+            if over_budget or (deadline is not None and time.time() > deadline):
                 self.save()
-                self.log({"step": self.step, "stopped": "deadline"})
+                self.log({"step": self.step, "stopped": "budget" if over_budget else "deadline"})
                 break
+            t_step = time.perf_counter()
             self.model.train()
             self.opt.zero_grad(set_to_none=True)
             logs: dict[str, float] = {}
@@ -207,6 +212,7 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
             self.step += 1
+            self.seconds += time.perf_counter() - t_step
             if self.ema:
                 self.ema.update(self.model, 0.0 if self.step <= cfg.ema_start else cfg.ema_decay)
             if after_step:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from ..checkpoints import load_into, read_state_dict, save_model
+from ..checkpoints import atomic_write, load_into, read_state_dict, save_model
 from ..codecs.vae import MiniVAE
 from ..config import Config, preset
 from ..data.dataset import CorpusDataset
@@ -63,8 +64,9 @@ class RecipeConfig:
     critic_lr: float = 1e-4
     critic_updates: int = 5
     seed: int = 0
-    # optional wall-clock budget per stage (minutes): the stage stops there and counts as done (a fixed-time
-    # run on a lent GPU); without it a stopped stage raises and resumes on the next run
+    # optional training-time budget per stage (minutes, counted over every run of the stage): the stage stops
+    # there and counts as done (a fixed-time run on a lent GPU, or the CPU recipe); a stop at the session's
+    # --minutes deadline is not done: it raises and the stage resumes on the next run
     stage_minutes: dict | None = None
     sample_every: int = 500  # write a sample video of the model being trained every N steps (0: never)
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP for the DiT stages
@@ -115,32 +117,38 @@ def sample_hook(out: Path, stage: str, cfg: Config, model: AvatarDiT, vae: MiniV
     return hook
 
 
-def _deadline(r: RecipeConfig, stage: str, deadline: float | None) -> tuple[float | None, bool]:
-    """(deadline for this stage, whether reaching it finishes the stage)."""
+def _budget(r: RecipeConfig, stage: str) -> float | None:
+    """The stage's training-time budget in seconds (``stage_minutes``), counted over all its runs, or None."""
     if r.stage_minutes and stage in r.stage_minutes:
-        return time.time() + 60 * float(r.stage_minutes[stage]), True
-    return deadline, False
+        return 60 * float(r.stage_minutes[stage])
+    return None
 
 
-def _check_finished(tr: Trainer, steps: int, stage: str, budgeted: bool) -> dict:
-    if tr.step < steps and not budgeted:
+def _check_finished(tr: Trainer, steps: int, stage: str, budget: float | None) -> dict:
+    """A stage is done at its step count or its time budget; a stop at the session deadline is not done."""
+    if tr.step < steps and (budget is None or tr.seconds < budget):
         raise TimeoutError(f"{stage}: stopped at the deadline; run the recipe again to resume")
-    return {"steps": tr.step, "planned_steps": steps}
+    return {"steps": tr.step, "planned_steps": steps, "train_seconds": tr.seconds}
 
 
 def _train_stage(tr: Trainer, step_fn, r: RecipeConfig, stage: str, steps: int, out: Path, weights: str,
                  module: torch.nn.Module, deadline: float | None, after_step=None) -> torch.nn.Module:
     """Run a stage's loop, then save its final (EMA) weights, mark it done and load them into ``module``."""
-    from safetensors.torch import save_file
-
-    deadline, budgeted = _deadline(r, stage, deadline)
-    tr.run(step_fn, deadline=deadline, after_step=after_step)
-    info = _check_finished(tr, steps, stage, budgeted)
+    budget = _budget(r, stage)
+    tr.run(step_fn, deadline=deadline, budget_seconds=budget, after_step=after_step)
+    info = _check_finished(tr, steps, stage, budget)
     final = tr.trained()
-    save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / weights))
+    _save_tensors(final.state_dict(), out / weights)
     _mark(out, stage, info)
     module.load_state_dict(final.state_dict())
     return module
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors, written atomically (a file that exists is complete: resumption trusts existence)."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp)))
 
 
 def _done(out: Path, stage: str) -> bool:
@@ -159,10 +167,10 @@ def stage_vae(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, device, dea
     ds = CorpusDataset(corpus, "train", window_frames=9, stride=4)
     tr = Trainer("vae", vae, out, LoopConfig(steps=r.vae_steps, lr=r.vae_lr, seed=r.seed, save_every=500,
                                             log_every=20), device)
-    deadline, budgeted = _deadline(r, "vae", deadline)
+    budget = _budget(r, "vae")
     tr.run(lambda step, micro, gen: vae_loss(vae, batch(ds, gen, r.vae_batch, device)["frames"]),
-           deadline=deadline)
-    steps = _check_finished(tr, r.vae_steps, "vae", budgeted)
+           deadline=deadline, budget_seconds=budget)
+    steps = _check_finished(tr, r.vae_steps, "vae", budget)
     vae.eval()
     set_latent_stats(vae, ds, device)
     held = CorpusDataset(corpus, "heldout", window_frames=33, stride=200)
@@ -170,9 +178,7 @@ def stage_vae(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, device, dea
     info = {**steps, "psnr_db": float(np.mean([s[0] for s in scores])),
             "mouth_psnr_db": float(np.mean([s[1] for s in scores])),
             "heldout_windows": len(scores)}
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
+    _save_tensors(vae.state_dict(), out / "vae.safetensors")
     _mark(out, "vae", info)
     return vae
 
@@ -188,6 +194,8 @@ def stage_latents(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, vae, de
     fe = make_front_end(cfg.codec, r.audio_model)
     seconds = r.latent_seconds or None
     shards = sorted((corpus / "shards").glob("train-*"))
+    total = sum(np.load(d / "frames.npy", mmap_mode="r").shape[0] for d in shards)
+    bar = tqdm(total=min(total, r.latent_clips or total), desc="latents", unit="clip")
     lats, rows = [], []
     for d in shards:
         frames = np.load(d / "frames.npy", mmap_mode="r")
@@ -201,11 +209,18 @@ def stage_latents(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, vae, de
             lats.append(encode(vae, fr.to(device), ref.to(device))[0].cpu().half().numpy())
             a = torch.from_numpy(np.array(audio[c, : t * cfg.codec.samples_per_frame]))
             rows.append(audio_rows(fe, a[None], cfg.model.audio_pack, "cpu")[0].half().numpy())
+            bar.update(1)
             if r.latent_clips and len(lats) >= r.latent_clips:
                 break
         if r.latent_clips and len(lats) >= r.latent_clips:
             break
-    np.savez(path, latents=np.stack(lats), rows=np.stack(rows))
+    bar.close()
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, latents=np.stack(lats), rows=np.stack(rows))
+
+    atomic_write(path, write)
     return path
 
 
@@ -254,7 +269,7 @@ def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, de
 def stage_ode_generate(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teacher: AvatarDiT,
                        device) -> Path:
     """Trajectories at exactly the student's window levels (they lie on the teacher's grid) + endpoints."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = out / "ode.safetensors"
     if path.exists():
@@ -275,10 +290,10 @@ def stage_ode_generate(out: Path, cfg: Config, r: RecipeConfig, data: LatentClip
             t = {"ref": lat[:, :, :1], "rows": rows, "clean": clean}
             for j, lv in enumerate(levels):
                 t[f"state{j}"] = kept[lv]
-            save_file({n: v.contiguous().cpu() for n, v in t.items()}, str(part))
+            _save_tensors(t, part)
         for n, v in load_file(str(part)).items():
             tensors.setdefault(n, []).append(v)
-    save_file({n: torch.cat(v) for n, v in tensors.items()}, str(path))
+    _save_tensors({n: torch.cat(v) for n, v in tensors.items()}, path)
     (out / "ode.json").write_text(json.dumps({"levels_oldest_first": levels, "samples": r.ode_samples}))
     return path
 
