@@ -47,7 +47,7 @@ def _clip(args: tuple[int, int, float, int]) -> dict:
 
 
 class _Clips:
-    """Clips by index, synthesised in-process or ahead of time by ``workers`` processes."""
+    """Clips by index, synthesised in-process or ahead of time by ``workers`` processes; each clip once."""
 
     def __init__(self, seed: int, seconds: float, size: int, workers: int):
         self.args = (seed, seconds, size)
@@ -55,17 +55,22 @@ class _Clips:
         if workers > 1:
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         self.pending: dict[int, Future] = {}
+        self.ready: dict[int, dict] = {}
 
     def prefetch(self, indices) -> None:
         if self.pool is not None:
             for i in indices:
-                if i not in self.pending:
+                if i not in self.pending and i not in self.ready:
                     self.pending[i] = self.pool.submit(_clip, (i, *self.args))
 
     def get(self, i: int) -> dict:
-        if i in self.pending:
-            return self.pending.pop(i).result()
-        return _clip((i, *self.args))
+        if i not in self.ready:
+            self.ready[i] = self.pending.pop(i).result() if i in self.pending else _clip((i, *self.args))
+        return self.ready[i]
+
+    def keep_only(self, indices) -> None:
+        """Forget the clips that are done with (a clip borrowed as a shuffled partner may be needed next)."""
+        self.ready = {i: c for i, c in self.ready.items() if i in set(indices)}
 
     def close(self) -> None:
         if self.pool is not None:
@@ -116,7 +121,8 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
             if g + 1 < len(groups):  # synthesise the next batch while this one runs
                 source.prefetch(groups[g + 1])
             data = {i: source.get(i) for i in idx}
-            others = {j: data[j]["audio"] if j in data else source.get(j)["audio"] for j in set(partners)}
+            others = {j: source.get(j)["audio"] for j in set(partners)}
+            source.keep_only(groups[g + 1] if g + 1 < len(groups) else [])
             for i in idx:
                 acc["real_f"].append(extractor.frames(data[i]["real"]))
                 acc["real_c"].append(extractor.clips(data[i]["real"]))
