@@ -267,8 +267,8 @@ def cmd_eval(args) -> int:
                 raise AvatarForcingError(f"{p}: not a readable longform JSON ({e})") from e
         try:
             res = merge_longform(parts)
-        except (KeyError, ValueError) as e:
-            raise AvatarForcingError(f"eval merge: {e}") from e
+        except KeyError as e:
+            raise AvatarForcingError(f"eval merge: a part lacks {e}; expected `eval longform` JSON files") from e
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
         if args.report:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from avatarforcing.data.corpus import make_clip
+from avatarforcing.errors import InputError
 from avatarforcing.eval.longform import merge_longform, run_longform, write_report
 from avatarforcing.eval.metrics import colour_drift, flicker, lip_sync, sync
 from avatarforcing.eval.nets import load_eval_nets
@@ -80,7 +81,7 @@ def test_longform_batched_equals_one_clip_at_a_time(tmp_path):
     assert merged["clips"] == 3 and len(merged["summary"]["avatarforcing"]["fid_parts"]) == 2
     for k in ("lipsync_r", "sync_c", "identity_drift_end"):
         assert merged["summary"]["avatarforcing"][k] == pytest.approx(one["summary"]["avatarforcing"][k], abs=2e-3)
-    with pytest.raises(ValueError, match="consecutive"):
+    with pytest.raises(InputError, match="consecutive"):
         merge_longform([rest, rest])
 
 

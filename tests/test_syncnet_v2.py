@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from avatarforcing.errors import CheckpointError
+from avatarforcing.errors import CheckpointError, InputError
 from avatarforcing.eval.syncnet_v2 import SyncNetV2, load_syncnet_v2, lse_scores, mfcc, offset_distances
 
 DATA = Path(__file__).parent / "data"
@@ -80,5 +80,5 @@ def test_lse_scores_on_a_short_video():
     res = lse_scores(net, frames, audio, vshift=3)
     assert set(res) == {"lse_c", "lse_d", "lse_offset"}
     assert res["lse_c"] >= 0 and np.isfinite(res["lse_d"]) and -3 <= res["lse_offset"] <= 3
-    with pytest.raises(ValueError, match="more than 5 frames"):
+    with pytest.raises(InputError, match="more than 5 frames"):
         lse_scores(net, frames[:4], audio, vshift=3)

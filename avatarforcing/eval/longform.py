@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..api import MODES, Avatar, Options
 from ..checkpoints import atomic_write
 from ..data.corpus import make_clip, reference_frame
+from ..errors import InputError
 from .metrics import CorpusFeatures, TorchScriptFeatures, evaluate_video, frechet_distance
 from .nets import EVAL_WEIGHTS, load_eval_nets
 from .syncnet_v2 import load_syncnet_v2
@@ -98,9 +99,9 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
     """
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
-        raise ValueError(f"unknown modes {unknown}; expected some of {ALL_MODES}")
+        raise InputError(f"unknown modes {unknown}; expected some of {ALL_MODES}")
     if clips < 1 or frames < 1 or batch < 1 or not 0 <= first < clips:
-        raise ValueError(f"need clips, frames, batch >= 1 and 0 <= first < clips (got {clips}, {frames}, {batch}, "
+        raise InputError(f"need clips, frames, batch >= 1 and 0 <= first < clips (got {clips}, {frames}, {batch}, "
                          f"{first})")
     t_start = time.perf_counter()
     avatar = Avatar.load(model, device)
@@ -194,11 +195,11 @@ def merge_longform(parts: list[dict]) -> dict:
     keys = ("model", "frames", "seed", "modes")
     for r in parts[1:]:
         if any(r[k] != parts[0][k] for k in keys):
-            raise ValueError(f"runs differ in {[k for k in keys if r[k] != parts[0][k]]}; cannot merge")
+            raise InputError(f"runs differ in {[k for k in keys if r[k] != parts[0][k]]}; cannot merge")
     pos = 0
     for r in parts:
         if r.get("first", 0) != pos:
-            raise ValueError(f"clip ranges are not consecutive: a run starts at clip {r.get('first', 0)}, "
+            raise InputError(f"clip ranges are not consecutive: a run starts at clip {r.get('first', 0)}, "
                              f"expected {pos}")
         pos += r["clips"]
     modes, n = parts[0]["modes"], [r["clips"] for r in parts]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints import load_into, read_state_dict
+from ..errors import InputError
 
 SAMPLE_RATE = 16000
 MFCC_PER_VIDEO_FRAME = 4  # 100 Hz MFCCs, 25 fps video
@@ -156,7 +157,7 @@ def lse_scores(net: SyncNetV2, frames: np.ndarray, audio: np.ndarray, vshift: in
     n = min(len(frames), len(pcm) // (SAMPLE_RATE // 25))
     last = n - WINDOW_FRAMES
     if last <= 0:
-        raise ValueError(f"LSE needs more than {WINDOW_FRAMES} frames of video and audio (got {n})")
+        raise InputError(f"LSE needs more than {WINDOW_FRAMES} frames of video and audio (got {n})")
     vid, aud = [], []
     for lo in range(0, last, batch):
         idx = range(lo, min(last, lo + batch))
