@@ -213,3 +213,26 @@ def test_wav2vec2_rows_match_transformers_hidden_states(tiny_w2v):
     native = out.last_hidden_state.shape[1]
     want = torch.cat([out.last_hidden_state, *out.hidden_states], -1)[0]
     assert torch.allclose(fe._encode(pcm, native), want, atol=1e-5)
+
+
+def test_batch_generation_with_wav2vec2_rows_equals_one_stream_at_a_time(tiny_w2v):
+    """wav2vec2 rows depend on where a chunk starts, so generate_batch computes them block by block as a
+    session does: each batched stream equals its one-stream video."""
+    from avatarforcing.api import Avatar
+    from avatarforcing.codecs.vae import MiniVAE
+    from avatarforcing.model import AvatarDiT
+
+    from .test_stream import _image, tiny_cfg
+
+    cfg = tiny_cfg().override({"codec.audio": "wav2vec2"})
+    torch.manual_seed(1)
+    model = AvatarDiT(cfg.model)
+    av = Avatar(model, MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim), cfg, audio_model=tiny_w2v,
+                teacher=model)
+    assert not av.front_end.chunk_invariant
+    rng = np.random.default_rng(3)
+    pcms = [(0.1 * rng.standard_normal(16000)).astype(np.float32) for _ in range(2)]
+    for pcm, seed, got in zip(pcms, [0, 1], av.generate_batch([_image(), _image()], pcms, [0, 1])):
+        want = av.generate(_image(), pcm, seed=seed)
+        assert got.shape == want.shape == (25, 32, 32, 3)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
