@@ -130,9 +130,11 @@ class Avatar:
         return WindowSampler(self.model, self.cfg, ref_latent, generators, options)
 
     @torch.no_grad()
-    def generate_batch(self, images: list, audios: list[np.ndarray], seeds: list[int],
+    def generate_batch(self, images: list, audios: list, seeds: list[int],
                        mode: str = "avatarforcing", options: Options | None = None) -> list[np.ndarray]:
         """Offline generation of N videos stepped together (one DiT call per step for all of them).
+
+        images: portraits (paths or uint8 arrays); audios: float32 16 kHz mono arrays or audio files.
 
         Stream i uses ``seeds[i]``'s noise exactly as ``generate`` would; audio shorter than the longest is
         padded with silence while the batch runs and its video is trimmed to its own length, so stream i
