@@ -44,22 +44,17 @@ def _to_original(sd, num_res_blocks=2):
                 return b + rest[len(a):]
         return rest
 
+    renames = [(r"^quant_conv\.", "conv1."), (r"^post_quant_conv\.", "conv2."),
+               (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."), (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
+               (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
+               (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1.")]
     out = {}
     for k, v in sd.items():
-        if k.startswith("quant_conv."):
-            n = "conv1." + k[len("quant_conv."):]
-        elif k.startswith("post_quant_conv."):
-            n = "conv2." + k[len("post_quant_conv."):]
-        elif m := re.match(r"(encoder|decoder)\.conv_in\.(.+)", k):
-            n = f"{m[1]}.conv1.{m[2]}"
-        elif m := re.match(r"(encoder|decoder)\.norm_out\.(.+)", k):
-            n = f"{m[1]}.head.0.{m[2]}"
-        elif m := re.match(r"(encoder|decoder)\.conv_out\.(.+)", k):
-            n = f"{m[1]}.head.2.{m[2]}"
+        rule = next(((pat, to) for pat, to in renames if re.match(pat, k)), None)
+        if rule:
+            n = re.sub(rule[0], rule[1], k)
         elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", k):
             n = f"{m[1]}.middle.{2 * int(m[2])}.{part(m[3])}"
-        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", k):
-            n = f"{m[1]}.middle.1.{m[2]}"
         elif m := re.match(r"encoder\.down_blocks\.(\d+)\.(.+)", k):
             n = f"encoder.downsamples.{m[1]}.{part(m[2])}"
         elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
