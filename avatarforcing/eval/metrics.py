@@ -4,6 +4,7 @@ run where ``nets`` lives (``load_eval_nets().to("cuda")`` for a benchmark of hun
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -20,8 +21,11 @@ def _device(nets) -> torch.device:
     return next(nets.parameters()).device
 
 
-def _tensor(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float [T, 3, H, W] in [-1, 1] on ``device``."""
+def _tensor(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [T, 3, H, W] in [-1, 1] on ``device``; such a tensor is passed through
+    (``evaluate_video`` converts a video once for all its metrics)."""
+    if isinstance(frames, torch.Tensor):
+        return frames
     x = torch.from_numpy(np.array(frames, np.uint8)).to(device)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
@@ -92,9 +96,13 @@ def identity_drift(nets, frames: np.ndarray, reference: np.ndarray) -> list[floa
     return (1 - torch.nn.functional.cosine_similarity(means, ref[None], dim=1)).double().cpu().tolist()
 
 
+@functools.cache
+def _sync_front_end() -> MelFrontEnd:
+    return MelFrontEnd(preset("mini").codec)  # the rows the SyncNet-style model was trained on
+
+
 def sync(nets, frames: np.ndarray, audio: np.ndarray) -> dict:
-    fe = MelFrontEnd(preset("mini").codec)
-    rows = fe.offline(audio)
+    rows = _sync_front_end().offline(audio)
     n = min(len(rows), len(frames))
     crops = mouth_crop(_tensor(frames[:n], _device(nets)))
     return sync_scores(nets["sync"], crops, rows[:n].to(crops.device))
@@ -105,18 +113,19 @@ def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.nd
     """All metrics of one video. Scalars plus per-second curves (``curves``). With ``syncnet_v2`` (the public
     SyncNet, ``eval.syncnet_v2.load_syncnet_v2``) also LSE-C / LSE-D."""
     res: dict = {"frames": int(len(frames))}
-    res.update(sync(nets, frames, audio))
+    x = _tensor(frames, _device(nets))  # once, for every metric that runs a network
+    res.update(sync(nets, x, audio))
     if syncnet_v2 is not None:
         from .syncnet_v2 import lse_scores
 
         res.update(lse_scores(syncnet_v2, frames, audio))
     if gt is not None:
-        res.update(lip_sync(nets, frames, gt))
+        res.update(lip_sync(nets, x, gt))
     colour = colour_drift(frames)
     curves = {"colour_drift_face": colour["face"], "colour_drift_background": colour["background"],
-              "flicker": flicker(frames, _device(nets))}
+              "flicker": flicker(x)}
     if reference is not None:
-        curves["identity_drift"] = identity_drift(nets, frames, reference)
+        curves["identity_drift"] = identity_drift(nets, x, reference)
     res["curves"] = curves
     for k, v in curves.items():
         first = v[: min(len(v), 60)]  # the first minute
