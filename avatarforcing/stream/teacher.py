@@ -35,7 +35,7 @@ class TeacherSampler:
                  steps: int | None = None, guidance: float | None = None):
         s = cfg.stream
         self.model, self.cfg, self.reference = model, cfg, reference
-        self.gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
+        self.gens = generator
         self.B = s.block_frames
         self.chunk_blocks = chunk_blocks or s.window_blocks
         self.sigmas = teacher_sigmas(steps or s.teacher_steps, s.shift)

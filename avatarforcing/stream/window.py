@@ -55,9 +55,11 @@ class Trace:
     prefix_offsets: list[int] = field(default_factory=list)  # window_start - anchor position per step
 
 
-def noise_like(shape: Sequence[int], generators: list[torch.Generator], like: Tensor) -> Tensor:
+def noise_like(shape: Sequence[int], generators: torch.Generator | Sequence[torch.Generator], like: Tensor) -> Tensor:
     """Gaussian noise [N, ...], stream i's slice drawn from ``generators[i]`` (so a stream's noise does not
-    depend on the batch it runs in)."""
+    depend on the batch it runs in); one generator stands for a single stream."""
+    if isinstance(generators, torch.Generator):
+        generators = [generators]
     if len(generators) != shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {shape[0]} streams")
     noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators])
@@ -75,8 +77,7 @@ class WindowSampler:
         self.context = context  # [N, Lt, text_dim] cached text embeddings, or None
         self.model, self.cfg, self.opt = model, cfg, options or Options()
         self.reference = reference  # [N, C, 1, h, w]
-        self.gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
-        self.n = reference.shape[0]
+        self.gens = generator
         self.B = s.block_frames
         self.L = window_blocks or s.window_blocks
         steps = denoising_steps or s.denoising_steps
@@ -88,7 +89,7 @@ class WindowSampler:
         p = model.cfg.patch_size
         self.tpf = (h // p[1]) * (w // p[2])
         mc = model.cfg
-        self.kv = KVBuffer(mc.num_layers, self.n, self.tpf, mc.num_heads, mc.head_dim, self.n_temporal,
+        self.kv = KVBuffer(mc.num_layers, reference.shape[0], self.tpf, mc.num_heads, mc.head_dim, self.n_temporal,
                            reference.device, reference.dtype)
         self.window: list[Block] = []
         self.next_index = 0
