@@ -73,6 +73,11 @@ class CodecConfig:
     audio_lookahead_frames: int = 0  # right context a streaming audio front end waits for
     audio_left_context_frames: int = 50  # bounded left context (wav2vec2 streaming)
     n_mels: int = 32  # mel front end: bands per 10 ms hop
+    # how inputs are prepared; a converted official checkpoint uses the release's choices (README, "Published
+    # weights"): bilinear, sinc_hann, clip
+    image_filter: str = "lanczos"  # "lanczos" | "bilinear" (antialiased, as the release's torchvision resize)
+    resampler: str = "kaiser"  # "kaiser" (ours, polyphase) | "sinc_hann" (torchaudio's default algorithm)
+    audio_rows: str = "streaming"  # "streaming": bounded windows per block | "clip": a file's rows at once
 
     @property
     def samples_per_frame(self) -> int:
@@ -97,6 +102,8 @@ class StreamConfig:
     rope_reindex: bool = True
     audio_zero_pad: bool = True
     clean_cache_pass: bool = True
+    positions: str = "reindexed"  # "reindexed" (the paper) | "release" (the published code): stream/positions.py
+    output: str = "aligned"  # "aligned": frame i <-> audio frame i | "release": frame 0 = the reference
     teacher_steps: int = 50
     guidance: float = 4.5
 
@@ -269,6 +276,16 @@ def _check(cond: bool, field_name: str, why: str) -> None:
         raise ConfigError(f"config field '{field_name}' {why}")
 
 
+def _one_of(value: str, field_name: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, field_name, f"must be one of {list(allowed)}, got {value!r}")
+
+
+def release(cfg: Config) -> Config:
+    """The published code's choices for everything it does differently from the paper's engine."""
+    return cfg.override({"stream.positions": "release", "stream.output": "release", "codec.image_filter": "bilinear",
+                         "codec.resampler": "sinc_hann", "codec.audio_rows": "clip"})
+
+
 def _validate(c: Config) -> None:
     m, k, s, t = c.model, c.codec, c.stream, c.train
     _check(m.dim > 0 and m.num_heads > 0, "model.dim", "and model.num_heads must be positive")
@@ -291,6 +308,12 @@ def _validate(c: Config) -> None:
     _check(k.temporal_stride == m.audio_pack or not m.audio_dim, "model.audio_pack",
            f"must equal codec.temporal_stride ({k.temporal_stride})")
     _check(k.audio_lookahead_frames >= 0, "codec.audio_lookahead_frames", "must be >= 0")
+    _check(k.audio_left_context_frames >= 0, "codec.audio_left_context_frames", "must be >= 0")
+    _one_of(k.image_filter, "codec.image_filter", ("lanczos", "bilinear"))
+    _one_of(k.resampler, "codec.resampler", ("kaiser", "sinc_hann"))
+    _one_of(k.audio_rows, "codec.audio_rows", ("streaming", "clip"))
+    _one_of(s.positions, "stream.positions", ("reindexed", "release"))
+    _one_of(s.output, "stream.output", ("aligned", "release"))
     _check(s.block_frames >= 1, "stream.block_frames", "must be >= 1")
     _check(s.window_blocks >= 1, "stream.window_blocks", "must be >= 1")
     _check(s.passes >= 1, "stream.passes", "must be >= 1")

@@ -8,6 +8,7 @@ from avatarforcing.api import Avatar
 from avatarforcing.config import ModelConfig, preset
 from avatarforcing.model import AvatarDiT
 from avatarforcing.stream.schedule import teacher_sigmas, window_sigmas
+from avatarforcing.stream.positions import Layout
 from avatarforcing.stream.window import Options, WindowSampler
 
 TINY_MODEL = ModelConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, latent_channels=4, text_dim=0, text_len=0,
@@ -91,24 +92,22 @@ def test_anchor_offset_step_5_equals_step_5000():
 
 
 def test_reindexed_positions_equal_absolute_positions_math():
-    """Rebased positions give the same output as absolute positions with the same relative layout."""
+    """Rebased positions give the same output as the same layout shifted by 10,000 frames (RoPE is relative)."""
     cfg = tiny_cfg(temporal_anchor_frames=1)
     a, b = sampler(cfg, seed=3), sampler(cfg, seed=3)
-    b.window_start = lambda: 10_000 + cfg.stream.temporal_anchor_frames + 1  # shifted, same distances
-    orig_prefix = b._prefix
+    layout = b._layout
 
-    def shifted_prefix(start, h, w):
-        p = orig_prefix(start, h, w)
-        frames = [10_000] + list(range(start - b.n_temporal, start))[: b.kv.temporal_frames]
-        cos, sin = b.model.rope(torch.tensor(frames), h, w)
-        return b.kv.prefix(True, True, cos, sin) if p is not None else None
+    def shifted(clean):
+        lay = layout(clean)
+        return Layout(lay.anchor + 10_000, tuple(t + 10_000 for t in lay.temporal), lay.start + 10_000)
 
-    b._prefix = shifted_prefix
+    b._layout = shifted
     out_a, out_b = [], []
     for _ in range(6):
         au = audio(cfg)
         out_a += a.push(au)
         out_b += b.push(au)
+    assert len(out_a) == len(out_b) == 3
     for x, y in zip(out_a, out_b):
         assert torch.allclose(x, y, atol=1e-4)
 

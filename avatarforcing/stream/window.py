@@ -12,7 +12,9 @@ A window holds up to L blocks of B latent frames, oldest first, at noise levels 
 The window's queries attend to the style anchor (the reference latent, keys cached once without RoPE and
 roped every step at ``window_start - n_temporal - 1``), the temporal anchor and the window itself.
 Positions are rebased every step (anchor at 0), so cost and memory are constant and a stream never
-reaches a position ceiling. ``Options`` switches the paper's ablations.
+reaches a position ceiling. Where each pass puts its frames is ``positions.py``'s table, chosen by
+``stream.positions`` (the paper's ``reindexed`` or the published code's ``release``). ``Options``
+switches the paper's ablations.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 from ..config import Config
 from ..model import AvatarDiT
 from .kv import KVBuffer
+from .positions import Layout, clean_layout, window_layout
 from .schedule import add_noise, window_sigmas
 
 
@@ -52,7 +55,8 @@ class Trace:
     passes: list[tuple[int, float]] = field(default_factory=list)  # (block index, sigma) per block per pass
     emitted: list[int] = field(default_factory=list)
     model_calls: int = 0
-    prefix_offsets: list[int] = field(default_factory=list)  # window_start - anchor position per step
+    prefix_offsets: list[int] = field(default_factory=list)  # window start - anchor position per step
+    layouts: list[tuple[str, int, Layout]] = field(default_factory=list)  # (pass, first block, positions)
 
 
 def noise_like(shape: Sequence[int], generators: torch.Generator | Sequence[torch.Generator], like: Tensor) -> Tensor:
@@ -85,6 +89,7 @@ class WindowSampler:
         self.T = s.num_train_timesteps
         self.passes = s.passes
         self.n_temporal = s.temporal_anchor_frames
+        self.scheme = s.positions if self.opt.rope_reindex else "absolute"  # the ablation overrides the config
         _, c, _, h, w = reference.shape
         p = model.cfg.patch_size
         self.tpf = (h // p[1]) * (w // p[2])
@@ -128,24 +133,15 @@ class WindowSampler:
         """Position index of a block (0 = oldest level s_1)."""
         return self.L - 1 - block.age
 
-    def window_start(self) -> int:
-        """Position of the window's first frame; the style anchor is always roped at position 0.
+    def _layout(self, clean: bool) -> Layout:
+        """Positions of this step's window pass (or of the clean pass of its oldest block)."""
+        present = self.kv.temporal_frames if self.opt.temporal_anchor else 0
+        pick = clean_layout if clean else window_layout
+        return pick(self.scheme, self.n_temporal, present, self.window[0].index, self.B)
 
-        Re-indexed (the method): start = n_temporal + 1, i.e. the anchor sits at start - n_temporal - 1
-        every step, however long the stream. Without re-indexing (ablation): absolute positions, so the
-        window drifts away from the anchor as the stream goes on.
-        """
-        if self.opt.rope_reindex:
-            return self.n_temporal + 1
-        return 1 + self.window[0].index * self.B
-
-    def _prefix(self, start: int, h: int, w: int):
+    def _prefix(self, layout: Layout, h: int, w: int):
         use_a, use_t = self.opt.style_anchor, self.opt.temporal_anchor
-        frames = []
-        if use_a:
-            frames.append(0)
-        if use_t and self.kv.temporal_frames:
-            frames += list(range(start - self.n_temporal, start))
+        frames = ([layout.anchor] if use_a else []) + (list(layout.temporal) if use_t else [])
         if not frames:
             return None
         cos, sin = self.model.rope(torch.tensor(frames, device=self.reference.device), h, w)
@@ -174,9 +170,11 @@ class WindowSampler:
 
     def _step(self) -> list[Tensor]:
         h, w = self.reference.shape[3:]
-        start = self.window_start()
-        self.trace.prefix_offsets.append(start)  # window start - anchor position (0)
-        prefix = self._prefix(start, h, w)
+        layout = self._layout(clean=False)
+        self.trace.prefix_offsets.append(layout.offset)
+        self.trace.layouts.append(("window", self.window[0].index, layout))
+        prefix = self._prefix(layout, h, w)
+        start = layout.start
         x = torch.cat([b.x for b in self.window], dim=2)
         audio = None
         if all(b.audio is not None for b in self.window):
@@ -205,9 +203,14 @@ class WindowSampler:
             emitted.append(x0_blocks[0])
             self.trace.emitted.append(done.index)
             if self.cfg.stream.clean_cache_pass:
+                clean = self._layout(clean=True)
+                self.trace.layouts.append(("clean", done.index, clean))
+                if clean != layout:
+                    prefix = self._prefix(clean, h, w)
                 zero = torch.zeros(self.B, device=x.device)
+                cpos = torch.arange(clean.start, clean.start + self.B, device=x.device)
                 with torch.no_grad():
-                    _, kv = self._call(x0_blocks[0], zero, pos[: self.B], done.audio, prefix, return_kv=True)
+                    _, kv = self._call(x0_blocks[0], zero, cpos, done.audio, prefix, return_kv=True)
                 self.kv.write_block(kv)
             x0_blocks = x0_blocks[1:]
         for b, x0b in zip(blocks, x0_blocks):
