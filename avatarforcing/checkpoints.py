@@ -19,7 +19,7 @@ from .errors import CheckpointError
 StateDict = dict[str, Tensor]
 
 WRAPPER_PREFIXES = ("model.", "module.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
-LORA_ALPHA = 64.0  # AvatarForcing / OmniAvatar: rank 128, alpha 64 -> scale 0.5
+LORA_RANK, LORA_ALPHA = 128, 64.0  # AvatarForcing / OmniAvatar: rank 128, alpha 64 -> scale 0.5
 
 # diffusers WanTransformer3DModel -> original Wan names (ours). Block-level names use {i}.
 _DIFFUSERS_TOP = {
@@ -89,8 +89,13 @@ def strip_prefixes(sd: StateDict) -> StateDict:
     return out
 
 
-def merge_lora(sd: StateDict, alpha: float = LORA_ALPHA) -> StateDict:
-    """peft layout -> plain weights: W = W_base + (alpha / rank) * B @ A; biases from base_layer."""
+def merge_lora(sd: StateDict, alpha: float | None = None, rank: int | None = None) -> StateDict:
+    """peft layout -> plain weights: W = W_base + (alpha / rank) * B @ A; biases from base_layer.
+
+    The rank is read from the checkpoint (``rank``, if given, must agree). ``alpha`` defaults to the
+    release's 64 only for the release's rank 128: any other rank needs its alpha stated (the scale is
+    alpha / rank, and a wrong one silently mis-scales every merged weight).
+    """
     out: StateDict = {}
     lora: dict[str, dict[str, Tensor]] = {}
     for k, v in sd.items():
@@ -99,6 +104,16 @@ def merge_lora(sd: StateDict, alpha: float = LORA_ALPHA) -> StateDict:
             lora.setdefault(m.group(1), {})[m.group(2)] = v
         else:
             out[k.replace(".base_layer.", ".")] = v
+    ranks = sorted({ab["A"].shape[0] for ab in lora.values() if "A" in ab})
+    if len(ranks) > 1:
+        raise CheckpointError(f"LoRA ranks differ between layers ({ranks}); expected one rank")
+    if ranks and rank is not None and ranks[0] != rank:
+        raise CheckpointError(f"LoRA rank mismatch: the checkpoint's LoRA has rank {ranks[0]}, --lora-rank says {rank}")
+    if ranks and alpha is None:
+        if ranks[0] != LORA_RANK:
+            raise CheckpointError(f"LoRA rank {ranks[0]} is not the release's {LORA_RANK}: pass the alpha it was "
+                                  f"trained with (--lora-alpha); the merge scale is alpha / rank")
+        alpha = LORA_ALPHA
     for name, ab in lora.items():
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"LoRA for {name} is missing lora_{'B' if 'A' in ab else 'A'}")
@@ -106,14 +121,14 @@ def merge_lora(sd: StateDict, alpha: float = LORA_ALPHA) -> StateDict:
         if f"{name}.weight" not in out:
             raise CheckpointError(f"LoRA for {name} has no base weight ({name}.weight or {name}.base_layer.weight)")
         w = out[f"{name}.weight"]
-        rank = a.shape[0]
-        if b.shape != (w.shape[0], rank) or a.shape[1] != w.shape[1]:
+        r = a.shape[0]
+        if b.shape != (w.shape[0], r) or a.shape[1] != w.shape[1]:
             raise CheckpointError(f"LoRA for {name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
                                   f"the weight {tuple(w.shape)}")
         if w.is_meta:
             out[f"{name}.weight"] = w
         else:
-            out[f"{name}.weight"] = (w.float() + (alpha / rank) * (b.float() @ a.float())).to(w.dtype)
+            out[f"{name}.weight"] = (w.float() + (alpha / r) * (b.float() @ a.float())).to(w.dtype)
     return out
 
 
@@ -162,7 +177,8 @@ def load_into(model: nn.Module, sd: StateDict, source: str, strict: bool = True,
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False, assign=assign)
 
 
-def avatarforcing_state_dict(path: str | Path, use_ema: bool = False, alpha: float = LORA_ALPHA) -> StateDict:
+def avatarforcing_state_dict(path: str | Path, use_ema: bool = False, alpha: float | None = None,
+                             rank: int | None = None) -> StateDict:
     """The official release's ``model.pt`` / ``ode_audio_init.pt`` as our plain state dict."""
     raw = read_state_dict(path)
     key = "generator_ema" if use_ema else "generator"
@@ -171,7 +187,7 @@ def avatarforcing_state_dict(path: str | Path, use_ema: bool = False, alpha: flo
             raise CheckpointError(f"{path}: has no 'generator_ema' (only 'generator'); drop the EMA option")
         raise CheckpointError(f"{path}: expected an AvatarForcing checkpoint with a '{key}' entry, "
                               f"found keys {sorted(raw)[:8]}")
-    return merge_lora(strip_prefixes(raw[key]), alpha)
+    return merge_lora(strip_prefixes(raw[key]), alpha, rank)
 
 
 def wan_state_dict(path: str | Path) -> StateDict:
@@ -180,7 +196,8 @@ def wan_state_dict(path: str | Path) -> StateDict:
     return diffusers_to_wan(sd) if is_diffusers_layout(sd) else sd
 
 
-def omniavatar_state_dict(base: str | Path, lora: str | Path, alpha: float = LORA_ALPHA) -> StateDict:
+def omniavatar_state_dict(base: str | Path, lora: str | Path, alpha: float | None = None,
+                          rank: int | None = None) -> StateDict:
     """Wan2.1 base weights + the OmniAvatar checkpoint (LoRA, audio modules, 33-channel patch embedding)."""
     sd = wan_state_dict(base)
     extra = strip_prefixes(read_state_dict(lora))
@@ -191,19 +208,20 @@ def omniavatar_state_dict(base: str | Path, lora: str | Path, alpha: float = LOR
             if f"{name}.{leaf}" in sd:
                 sd[f"{name}.base_layer.{leaf}"] = sd.pop(f"{name}.{leaf}")
     sd.update(extra)
-    return merge_lora(sd, alpha)
+    return merge_lora(sd, alpha, rank)
 
 
-def detect_and_read(path: str | Path, use_ema: bool = False) -> StateDict:
+def detect_and_read(path: str | Path, use_ema: bool = False, alpha: float | None = None,
+                    rank: int | None = None) -> StateDict:
     """Any supported single checkpoint -> our state dict (AvatarForcing .pt, Wan, our safetensors)."""
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
         raw = read_state_dict(path)
         if "generator" in raw or "generator_ema" in raw:
-            return avatarforcing_state_dict(path, use_ema)
+            return avatarforcing_state_dict(path, use_ema, alpha, rank)
         sd = strip_prefixes(raw)
-        return merge_lora(diffusers_to_wan(sd) if is_diffusers_layout(sd) else sd)
-    return merge_lora(wan_state_dict(path))
+        return merge_lora(diffusers_to_wan(sd) if is_diffusers_layout(sd) else sd, alpha, rank)
+    return merge_lora(wan_state_dict(path), alpha, rank)
 
 
 # ---------------------------------------------------------------- our format

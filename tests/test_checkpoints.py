@@ -74,7 +74,7 @@ def test_official_checkpoint_roundtrip_tiny(tmp_path):
     m = tiny_model()
     ckpt = {"generator": peft_layout(m.state_dict(), 4, zero_b=True)}
     torch.save(ckpt, tmp_path / "model.pt")
-    sd = detect_and_read(tmp_path / "model.pt")
+    sd = detect_and_read(tmp_path / "model.pt", alpha=2.0)
     fresh = AvatarDiT(m.cfg)
     load_into(fresh, sd, "model.pt")
     for k, v in m.state_dict().items():
@@ -92,7 +92,7 @@ def test_omniavatar_base_plus_lora(tmp_path):
     lora = {k: v for k, v in peft_layout(sd, 4, prefix="").items()
             if ".lora_" in k or k.startswith("audio") or k == "patch_embedding.weight"}
     torch.save(lora, tmp_path / "omni.pt")
-    got = omniavatar_state_dict(tmp_path / "wan.safetensors", tmp_path / "omni.pt")
+    got = omniavatar_state_dict(tmp_path / "wan.safetensors", tmp_path / "omni.pt", alpha=64)
     fresh = AvatarDiT(m.cfg)
     load_into(fresh, got, "omni")
     q = "blocks.0.self_attn.q"
@@ -138,7 +138,7 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="no 'generator_ema'"):
         avatarforcing_state_dict(tmp_path / "y.pt", use_ema=True)
     with pytest.raises(CheckpointError, match="missing lora_B"):
-        merge_lora({"l.weight": torch.zeros(2, 2), "l.lora_A.default.weight": torch.zeros(1, 2)})
+        merge_lora({"l.weight": torch.zeros(2, 2), "l.lora_A.default.weight": torch.zeros(1, 2)}, alpha=1.0)
     m = tiny_model()
     sd = dict(m.state_dict())
     sd["blocks.0.ffn.0.weight"] = torch.zeros(3, 3)
@@ -149,3 +149,23 @@ def test_bad_checkpoints(tmp_path):
     msg = str(e.value)
     assert "bad.safetensors" in msg and "missing" in msg and "unexpected" in msg and "mis-shaped" in msg
     assert "head.head.bias" in msg and "extra.weight" in msg and "blocks.0.ffn.0.weight" in msg
+
+
+def test_lora_scale_from_alpha_and_rank(tmp_path):
+    """Rank 8 with alpha 16 merges at scale 2; a rank other than 128 needs its alpha; ranks must agree."""
+    m = tiny_model()
+    torch.manual_seed(1)
+    ckpt = {"generator": peft_layout(m.state_dict(), 8)}
+    torch.save(ckpt, tmp_path / "model.pt")
+    sd = avatarforcing_state_dict(tmp_path / "model.pt", alpha=16.0)
+    q = "blocks.1.ffn.2"
+    g = ckpt["generator"]
+    want = g[f"model.{q}.base_layer.weight"] + 2.0 * g[f"model.{q}.lora_B.default.weight"] @ \
+        g[f"model.{q}.lora_A.default.weight"]
+    assert torch.allclose(sd[f"{q}.weight"], want, atol=1e-5)
+    with pytest.raises(CheckpointError, match="rank 8 is not the release's 128.*--lora-alpha"):
+        avatarforcing_state_dict(tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="rank mismatch.*rank 8.*says 16"):
+        avatarforcing_state_dict(tmp_path / "model.pt", alpha=16.0, rank=16)
+    assert torch.equal(avatarforcing_state_dict(tmp_path / "model.pt", alpha=16.0, rank=8)[f"{q}.weight"],
+                       sd[f"{q}.weight"])
