@@ -6,6 +6,7 @@
         ...                                         # uint8 [n, H, W, 3], as soon as the look-ahead allows
     for frames in session.close(): ...              # drain
     video = avatar.generate("portrait.jpg", "speech.wav")   # offline: all frames
+    video = avatar.generate("portrait.jpg", "speech.wav", prompt="A woman speaks calmly ...")  # text models
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoints import load_into, load_model, read_state_dict
+from .checkpoints import DTYPES, load_into, load_model, read_state_dict
 from .codecs.audio import check_pcm, make_front_end
+from .codecs.text import Prompts
 from .codecs.vae import MiniVAE
 from .config import Config, preset
 from .data.audio import load_audio
@@ -39,20 +41,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+COMPONENTS = "components.yaml"  # a model folder's references to encoders kept outside it
+
+
+def read_components(folder: Path) -> dict[str, Path]:
+    """``components.yaml``: paths of the wav2vec2 folder, the umT5 encoder and its tokenizer (relative paths are
+    relative to the model folder)."""
+    import yaml
+
+    f = folder / COMPONENTS
+    if not f.is_file():
+        return {}
+    data = yaml.safe_load(f.read_text()) or {}
+    known = ("wav2vec2", "text_encoder", "tokenizer")
+    if not isinstance(data, dict) or any(k not in known for k in data):
+        raise InputError(f"{f}: expected a mapping with keys among {list(known)}")
+    return {k: (folder / str(v)) if not Path(str(v)).is_absolute() else Path(str(v)) for k, v in data.items() if v}
+
+
+def default_dtype(device: str | torch.device) -> str:
+    """bf16 on a GPU (what the release runs), fp32 on the CPU."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
 class Avatar:
     def __init__(self, model: AvatarDiT, vae, cfg: Config, device: str | torch.device = "cpu",
-                 audio_model: str | Path | None = None, teacher: AvatarDiT | None = None):
+                 audio_model: str | Path | None = None, teacher: AvatarDiT | None = None,
+                 prompts: Prompts | None = None):
         self.model, self.vae, self.cfg = model.eval(), vae.eval(), cfg
         self.teacher = teacher.eval() if teacher is not None else None  # the multi-step baseline's weights
         self.device = torch.device(device)
         self.front_end = make_front_end(cfg.codec, audio_model)
         self.dtype = next(model.parameters()).dtype
+        self.prompts = prompts or Prompts(cfg.model.text_len, cfg.model.text_dim, required=False)
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def load(cls, name_or_path: str | Path, device: str = "cpu", audio_model: str | Path | None = None) -> Avatar:
-        """A model folder (config.yaml, model.safetensors, vae.safetensors) or a shipped model's name."""
+    def load(cls, name_or_path: str | Path, device: str = "cpu", audio_model: str | Path | None = None,
+             dtype: str | None = None) -> Avatar:
+        """A model folder (config.yaml, model.safetensors, VAE, optional components.yaml) or a shipped model's name.
+
+        dtype: "fp32" | "bf16" | "fp16" for the DiT and the VAE (default: bf16 on a GPU, fp32 on the CPU).
+        """
         path = Path(name_or_path)
         if not path.exists() and (PACKAGE_MODELS / str(name_or_path)).exists():
             path = PACKAGE_MODELS / str(name_or_path)
@@ -60,7 +91,13 @@ class Avatar:
             shipped = sorted(p.name for p in PACKAGE_MODELS.glob("*")) if PACKAGE_MODELS.exists() else []
             raise InputError(f"{name_or_path}: no such model folder, and no shipped model of that name "
                              f"(shipped: {shipped or 'none yet: the trained mini model is not in this build'})")
-        model, cfg = load_model(path, device)
+        dtype = dtype or default_dtype(device)
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        dt = DTYPES[dtype]
+        model, cfg = load_model(path, device, dtype=dt)
+        components = read_components(path)
+        audio_model = audio_model or components.get("wav2vec2")
         if cfg.codec.vae == "wan":  # a diffusers `vae/` folder or the original Wan2.1_VAE.pth beside the model
             from .codecs.wan_vae import WanVAE
 
@@ -68,16 +105,18 @@ class Avatar:
             if src is None:
                 raise InputError(f"{path}: a wan model folder needs its VAE as {path / 'vae'}/ (diffusers) or "
                                  f"{path / 'Wan2.1_VAE.pth'}")
-            vae = WanVAE.load(src, device)
+            vae = WanVAE.load(src, device, dt)
         else:
             vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim)
             load_into(vae, {k: v.float() for k, v in read_state_dict(path / "vae.safetensors").items()},
                       str(path / "vae.safetensors"))
-            vae = vae.to(device)
+            vae = vae.to(device, dt)
         teacher = None
         if (path / "teacher.safetensors").is_file():
-            teacher, _ = load_model(path, device, name="teacher.safetensors")
-        return cls(model, vae, cfg, device, audio_model, teacher)
+            teacher, _ = load_model(path, device, name="teacher.safetensors", dtype=dt)
+        prompts = Prompts(cfg.model.text_len, cfg.model.text_dim, components.get("text_encoder"),
+                          components.get("tokenizer"), folder=path)
+        return cls(model, vae, cfg, device, audio_model, teacher, prompts)
 
     @classmethod
     def random(cls, cfg: Config | str = "mini", seed: int = 0, device: str = "cpu",
@@ -95,43 +134,69 @@ class Avatar:
         c = self.cfg.codec
         mode = "square" if c.vae == "mini" else "fit"
         arr = prepare_image(load_image(image), c.height, c.width, mode=mode,
-                            min_side=min(c.height, c.width) // 2, name=str(image)[:200])
+                            min_side=min(c.height, c.width) // 2, name=str(image)[:200], filter=c.image_filter)
         return torch.from_numpy(arr)[None].to(self.device, self.dtype)
 
-    def session(self, image, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None) -> Session:
-        return Session(self, self.prepare_reference(image), seed, mode, options or Options())
+    def context(self, prompt: str | None = None, prompt_embeds=None, streams: int = 1) -> Tensor | None:
+        """Text context [streams, text_len, text_dim] on the model's device, or None (no text conditioning)."""
+        ctx = self.prompts.context(prompt, prompt_embeds)
+        return None if ctx is None else ctx.to(self.device, self.dtype).expand(streams, -1, -1)
+
+    def load_audio(self, audio) -> np.ndarray:
+        """A file (or bytes) at the model's rate with the configured resampler; arrays pass through."""
+        if isinstance(audio, np.ndarray):
+            return audio
+        return load_audio(audio, self.cfg.codec.sample_rate, self.cfg.codec.resampler)
+
+    def session(self, image, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None,
+                prompt: str | None = None, prompt_embeds=None) -> Session:
+        return Session(self, self.prepare_reference(image), seed, mode, options or Options(),
+                       self.context(prompt, prompt_embeds))
+
+    @property
+    def clip_rows(self) -> bool:
+        """Whether a file's audio rows are computed once over the whole clip (``codec.audio_rows: clip``)."""
+        return self.cfg.codec.audio_rows == "clip" and not self.front_end.chunk_invariant
 
     def stream(self, image, audio, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None,
-               chunk: int = 16000) -> Iterator[np.ndarray]:
+               chunk: int = 16000, prompt: str | None = None, prompt_embeds=None) -> Iterator[np.ndarray]:
         """Frames for a whole audio file or array, yielded block by block."""
-        pcm = load_audio(audio, self.cfg.codec.sample_rate) if not isinstance(audio, np.ndarray) else audio
-        s = self.session(image, seed, mode, options)
+        pcm = self.load_audio(audio)
+        s = self.session(image, seed, mode, options, prompt, prompt_embeds)
         for i in range(0, len(pcm), chunk):
             yield from s.push(pcm[i:i + chunk])
         yield from s.close()
 
-    def generate(self, image, audio, seed: int = 0, mode: str = "avatarforcing",
-                 options: Options | None = None) -> np.ndarray:
-        frames = list(self.stream(image, audio, seed, mode, options))
+    def generate(self, image, audio, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None,
+                 prompt: str | None = None, prompt_embeds=None, latent_frames: int | None = None) -> np.ndarray:
+        """All frames for a speech file or array. With ``codec.audio_rows: clip`` (the release) the audio rows
+        are computed once over the whole clip; ``latent_frames`` (release output only) fixes the length to the
+        release's 1 + 4 (latent_frames - 1) frames, as its ``--num_output_frames``."""
+        if self.clip_rows or latent_frames is not None:
+            return self.generate_batch([image], [audio], [seed], mode, options, prompt, prompt_embeds,
+                                       latent_frames)[0]
+        frames = list(self.stream(image, audio, seed, mode, options, prompt=prompt, prompt_embeds=prompt_embeds))
         return np.concatenate(frames) if frames else np.zeros((0,), np.uint8)
 
     def sampler(self, mode: str, ref_latent: Tensor, generators: list[torch.Generator],
-                options: Options | None = None) -> WindowSampler | TeacherSampler:
-        """The sampler of a mode for reference latents [N, C, 1, h, w], one generator per stream."""
+                options: Options | None = None, context: Tensor | None = None) -> WindowSampler | TeacherSampler:
+        """The sampler of a mode for reference latents [N, C, 1, h, w], one generator per stream; ``context``
+        [N, text_len, text_dim] text embeddings or None."""
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
         if mode == "teacher":
             if self.teacher is None:
                 raise InputError("mode 'teacher' needs teacher weights (teacher.safetensors in the model folder)")
-            return TeacherSampler(self.teacher, self.cfg, ref_latent, generators)
+            return TeacherSampler(self.teacher, self.cfg, ref_latent, generators, text=context)
         if mode == "ar":
             return WindowSampler(self.model, self.cfg, ref_latent, generators, options, window_blocks=1,
-                                 denoising_steps=(self.cfg.stream.num_train_timesteps,))
-        return WindowSampler(self.model, self.cfg, ref_latent, generators, options)
+                                 denoising_steps=(self.cfg.stream.num_train_timesteps,), context=context)
+        return WindowSampler(self.model, self.cfg, ref_latent, generators, options, context=context)
 
     @torch.no_grad()
-    def generate_batch(self, images: list, audios: list, seeds: list[int],
-                       mode: str = "avatarforcing", options: Options | None = None) -> list[np.ndarray]:
+    def generate_batch(self, images: list, audios: list, seeds: list[int], mode: str = "avatarforcing",
+                       options: Options | None = None, prompt: str | None = None, prompt_embeds=None,
+                       latent_frames: int | None = None) -> list[np.ndarray]:
         """Offline generation of N videos stepped together (one DiT call per step for all of them).
 
         images: portraits (paths or uint8 arrays); audios: float32 16 kHz mono arrays or audio files.
@@ -144,31 +209,45 @@ class Avatar:
         if not (len(images) == len(audios) == len(seeds)) or not images:
             raise InputError(f"generate_batch needs as many images, audios and seeds (got {len(images)}, "
                              f"{len(audios)}, {len(seeds)}), at least one")
-        sr, spf = self.cfg.codec.sample_rate, self.cfg.codec.samples_per_frame
+        spf = self.cfg.codec.samples_per_frame
         B, pack = self.cfg.stream.block_frames, self.cfg.model.audio_pack
         fpb = B * self.cfg.codec.temporal_stride
-        pcms = [check_pcm(a if isinstance(a, np.ndarray) else load_audio(a, sr), f"audio {i}")
-                for i, a in enumerate(audios)]
-        totals = [-(-len(p) // spf) for p in pcms]  # video frames covering each audio
-        longest = max(len(p) for p in pcms)
-        pcms = [torch.cat([p, torch.zeros(longest - len(p))]) for p in pcms]
+        release_out = self.cfg.stream.output == "release"
+        originals = [check_pcm(self.load_audio(a), f"audio {i}") for i, a in enumerate(audios)]
+        totals = [-(-len(p) // spf) for p in originals]  # video frames covering each audio
+        n_blocks = -(-max(totals) // fpb)
+        if latent_frames is not None:
+            if not release_out:
+                raise InputError("latent_frames fixes the release's output length: it needs stream.output: release")
+            if latent_frames < 1 + B or (latent_frames - 1) % B:
+                raise InputError(f"latent_frames must be 1 + a multiple of the block size {B} (e.g. {1 + 5 * B}), "
+                                 f"got {latent_frames}")
+            n_blocks = (latent_frames - 1) // B
+            totals = [n_blocks * fpb] * len(totals)
+        longest = max(len(p) for p in originals)
+        pcms = [torch.cat([p, torch.zeros(longest - len(p))]) for p in originals]
         refs = torch.cat([self.prepare_reference(im) for im in images])
         ref_latent = self.vae.encode_image(refs)  # [N, C, 1, h, w]
         decoder = self.vae.stream_decoder()
-        decoder.decode(ref_latent)
-        sampler = self.sampler(mode, ref_latent, [torch.Generator().manual_seed(s) for s in seeds], options)
-        n_blocks = -(-max(totals) // fpb)
+        first = decoder.decode(ref_latent)  # latent frame 0 -> the reference reconstruction (1 frame)
+        context = self.context(prompt, prompt_embeds, len(images))
+        sampler = self.sampler(mode, ref_latent, [torch.Generator().manual_seed(s) for s in seeds], options, context)
         fe = self.front_end
+        all_rows = None
         if fe.chunk_invariant:  # every row at once, sliced per block below
             all_rows = torch.stack([fe.features(p, 0, n_blocks * fpb) for p in pcms])  # [N, frames, D]
+        elif self.clip_rows:  # the release: each file's rows once, over its video and a tail of future audio
+            frames = self.cfg.codec.temporal_stride + n_blocks * fpb + self.cfg.codec.audio_clip_tail_frames
+            all_rows = torch.stack([fe.clip_rows(p, frames) for p in originals])
         latents = []
         for k in range(n_blocks):
             a, b = k * fpb, (k + 1) * fpb
-            rows = all_rows[:, a:b] if fe.chunk_invariant else torch.stack([fe.features(p, a, b) for p in pcms])
+            rows = all_rows[:, a:b] if all_rows is not None else torch.stack([fe.features(p, a, b) for p in pcms])
             latents += sampler.push(rows.reshape(len(pcms), B, pack, -1).to(self.device, self.dtype))
         latents += sampler.drain()
-        video = torch.cat([decoder.decode(z) for z in latents], dim=2)  # [N, 3, T, H, W]
-        return [to_uint8(video[i].transpose(0, 1).float().cpu().numpy())[:totals[i]] for i in range(len(pcms))]
+        video = torch.cat(([first] if release_out else []) + [decoder.decode(z) for z in latents], dim=2)
+        keep = [t + (1 if release_out else 0) for t in totals]  # [N, 3, T, H, W] -> each stream's own length
+        return [to_uint8(video[i].transpose(0, 1).float().cpu().numpy())[:keep[i]] for i in range(len(pcms))]
 
 
 @dataclass
@@ -182,7 +261,8 @@ class Stats:
 class Session:
     """One stream: audio chunks in, frames out. Not thread-safe; one per client."""
 
-    def __init__(self, avatar: Avatar, reference: Tensor, seed: int, mode: str, options: Options):
+    def __init__(self, avatar: Avatar, reference: Tensor, seed: int, mode: str, options: Options,
+                 context: Tensor | None = None):
         self.avatar, self.cfg = avatar, avatar.cfg
         self.fe = avatar.front_end
         self.spf = self.cfg.codec.samples_per_frame
@@ -193,8 +273,11 @@ class Session:
         with torch.no_grad():
             ref_latent = avatar.vae.encode_image(reference)  # [1, C, 1, h, w]
             self.decoder = avatar.vae.stream_decoder()
-            self.decoder.decode(ref_latent)  # primes the causal decoder with latent frame 0 (not output)
-        self.sampler = avatar.sampler(mode, ref_latent, [gen], options)
+            first = self.decoder.decode(ref_latent)  # primes the causal decoder with latent frame 0
+        # stream.output "release": that reconstruction of the reference is the video's frame 0
+        self.release_out = self.cfg.stream.output == "release"
+        self._pending = [to_uint8(first[0].transpose(0, 1).float().cpu().numpy())] if self.release_out else []
+        self.sampler = avatar.sampler(mode, ref_latent, [gen], options, context)
         self.pcm = torch.zeros(0)
         self.offset = 0  # absolute index of self.pcm[0]
         self.received = 0  # samples pushed so far
@@ -247,7 +330,7 @@ class Session:
         self._account(t0)
         out += self._decode(latents)
         self.closed = True
-        total = -(-self.received // self.spf)  # video frames covering the audio
+        total = -(-self.received // self.spf) + (1 if self.release_out else 0)  # video frames covering the audio
         return self._trim(out, total)
 
     # ------------------------------------------------------------------ internals
@@ -264,7 +347,8 @@ class Session:
         return out
 
     def _run(self, final: bool) -> list[np.ndarray]:
-        out = []
+        out, self._pending = self._pending, []
+        self.frames_out += sum(len(f) for f in out)
         fpb = self.frames_per_block
         ready = self.fe.frames_ready(self.received)
         total_frames = -(-self.received // self.spf)

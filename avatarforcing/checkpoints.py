@@ -260,8 +260,9 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu", name: str = "model.safetensors"):
-    """Our format -> (AvatarDiT in fp32 on ``device``, Config)."""
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu", name: str = "model.safetensors",
+               dtype: torch.dtype = torch.float32):
+    """Our format -> (AvatarDiT in ``dtype`` on ``device``, Config)."""
     from .model import AvatarDiT
 
     d = Path(model_dir)
@@ -271,4 +272,4 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", name: 
     model = AvatarDiT(cfg.model)
     sd = {k: v.float() for k, v in read_state_dict(d / name).items()}
     load_into(model, sd, str(d / name))
-    return model.to(device).eval(), cfg
+    return model.to(device, dtype).eval(), cfg

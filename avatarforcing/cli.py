@@ -1,4 +1,4 @@
-"""``avatarforcing`` command line: generate | stream | serve | train | eval | bench | data | convert."""
+"""``avatarforcing`` command line: generate | stream | serve | train | eval | bench | data | convert | encode-prompt."""
 
 from __future__ import annotations
 
@@ -33,6 +33,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--no-{name}", action="store_true", help=f"ablation: disable the {name.replace('-', ' ')}")
 
 
+def _add_prompt_args(p: argparse.ArgumentParser) -> None:
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--prompt", help="text prompt (wan models; encoded by the model's umT5 and cached)")
+    t.add_argument("--prompt-file", help="a UTF-8 file holding the prompt")
+    t.add_argument("--prompt-embeds", help="cached embeddings from `avatarforcing encode-prompt`")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="model precision (default: bf16 on a GPU, "
+                                                                    "fp32 on the CPU)")
+
+
+def _prompt(args) -> dict:
+    """The prompt arguments as ``Avatar.session`` keywords."""
+    prompt = args.prompt
+    if args.prompt_file:
+        f = Path(args.prompt_file)
+        if not f.is_file():
+            raise AvatarForcingError(f"{f}: prompt file not found")
+        prompt = f.read_text(encoding="utf-8").strip()
+    return {"prompt": prompt, "prompt_embeds": args.prompt_embeds}
+
+
 def _options(args):
     from .stream.window import Options
 
@@ -52,15 +72,25 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from .api import Avatar
-    from .data.audio import load_audio
     from .data.video import VideoWriter
 
-    avatar = Avatar.load(args.model, args.device, args.audio_model)
+    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype)
     rate = avatar.cfg.codec.sample_rate
-    pcm = load_audio(args.audio, rate)
-    session = avatar.session(_reference(args), seed=args.seed, mode=args.mode, options=_options(args))
-    total = -(-len(pcm) // avatar.cfg.codec.samples_per_frame)
+    pcm = avatar.load_audio(args.audio)
     t0 = time.perf_counter()
+    if avatar.clip_rows or args.latent_frames:  # the release: the file's audio rows at once, offline
+        video = avatar.generate(_reference(args), pcm, seed=args.seed, mode=args.mode, options=_options(args),
+                                latent_frames=args.latent_frames, **_prompt(args))
+        with VideoWriter(args.out, fps=avatar.cfg.codec.fps, sample_rate=rate) as writer:
+            writer.add_audio(pcm)
+            writer.write(video)
+            n = writer.frames_written
+        dt = time.perf_counter() - t0
+        print(f"{args.out}: {n} frames, {dt:.1f} s, {n / dt:.1f} fps (offline: audio rows over the whole clip)")
+        return 0
+    session = avatar.session(_reference(args), seed=args.seed, mode=args.mode, options=_options(args),
+                             **_prompt(args))
+    total = -(-len(pcm) // avatar.cfg.codec.samples_per_frame)
     chunk = rate // 5  # 200 ms of audio per push, as a live source would deliver it
     with VideoWriter(args.out, fps=avatar.cfg.codec.fps, sample_rate=rate) as writer, \
             tqdm(total=total, unit="frame", desc="generate") as bar:
@@ -85,8 +115,9 @@ def cmd_stream(args) -> int:
 
     from .api import Avatar
 
-    avatar = Avatar.load(args.model, args.device, args.audio_model)
-    session = avatar.session(_reference(args), seed=args.seed, mode=args.mode, options=_options(args))
+    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype)
+    session = avatar.session(_reference(args), seed=args.seed, mode=args.mode, options=_options(args),
+                             **_prompt(args))
     c = avatar.cfg.codec
     print(f"avatarforcing stream: in {args.format} mono {c.sample_rate} Hz; out rgb24 {c.width}x{c.height} "
           f"@ {c.fps} fps; look-ahead {session.lookahead_ms:.0f} ms", file=sys.stderr)
@@ -141,37 +172,36 @@ def cmd_bench(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import dataclasses
+    from .convert import convert
 
-    import torch
+    out = convert(args.src, args.out, config=args.config, preset_name=args.preset, fmt=args.format, lora=args.lora,
+                  ema=args.ema, dtype=args.dtype, lora_alpha=args.lora_alpha, lora_rank=args.lora_rank,
+                  wan=args.wan, wav2vec2=args.wav2vec2, paper_engine=args.paper_engine, cache_prompt=args.cache_prompt)
+    print(f"wrote {out}")
+    return 0
 
-    from .checkpoints import (
-        avatarforcing_state_dict,
-        detect_and_read,
-        load_into,
-        omniavatar_state_dict,
-        save_model,
-    )
-    from .config import Config, preset
-    from .model import AvatarDiT
 
-    cfg = Config.load(args.config) if args.config else preset(args.preset)
-    if args.lora:
-        sd = omniavatar_state_dict(args.src, args.lora)
-    elif args.format == "avatarforcing":
-        sd = avatarforcing_state_dict(args.src, use_ema=args.ema)
-    else:
-        sd = detect_and_read(args.src, use_ema=args.ema)
-    if "patch_embedding.weight" in sd and sd["patch_embedding.weight"].shape[1] != cfg.model.in_channels:
-        plain = sd["patch_embedding.weight"].shape[1] == cfg.model.latent_channels
-        if plain and "audio_proj.proj.weight" not in sd:  # a text-to-video Wan checkpoint
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, reference_conditioning=False,
-                                                                     audio_dim=0))
-    with torch.device("meta"):
-        model = AvatarDiT(cfg.model)
-    load_into(model, sd, str(args.src), assign=True)
-    out = save_model(model, cfg, args.out, dtype=args.dtype)
-    print(f"wrote {out} ({sum(v.numel() for v in sd.values()):,} parameters, {args.dtype})")
+def cmd_encode_prompt(args) -> int:
+    from .api import read_components
+    from .codecs.text import encode_prompt, save_prompt_embeds
+    from .config import Config
+
+    folder = Path(args.model)
+    if not (folder / "config.yaml").is_file():
+        raise AvatarForcingError(f"{folder}: not a model folder (expected config.yaml)")
+    cfg = Config.load(folder / "config.yaml")
+    if not cfg.model.text_dim:
+        raise AvatarForcingError(f"{folder}: this model has no text conditioning (text_dim 0)")
+    parts = read_components(folder)
+    encoder = args.text_encoder or parts.get("text_encoder")
+    tokenizer = args.tokenizer or parts.get("tokenizer")
+    if not encoder or not tokenizer:
+        raise AvatarForcingError(f"{folder}: no umT5 encoder referenced (components.yaml); pass --text-encoder "
+                                 f"and --tokenizer")
+    t0 = time.perf_counter()
+    ctx = encode_prompt(args.prompt, encoder, tokenizer, cfg.model.text_len, args.device)
+    save_prompt_embeds(args.out, ctx, args.prompt)
+    print(f"{args.out}: {tuple(ctx.shape)} text context in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -310,7 +340,7 @@ def cmd_eval(args) -> int:
 def cmd_serve(args) -> int:
     from .serve.app import serve
 
-    serve(args.model, args.host, args.port, args.max_sessions, args.device)
+    serve(args.model, args.host, args.port, args.max_sessions, args.device, dtype=args.dtype, **_prompt(args))
     return 0
 
 
@@ -330,7 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_args(g)
     g.add_argument("--audio", required=True, help="speech (wav/flac/ogg/mp3/m4a)")
     g.add_argument("--out", required=True, help="output .mp4")
+    g.add_argument("--latent-frames", type=int, help="release output: exactly 1 + 4 (N - 1) frames for N latent "
+                                                      "frames, as the release's --num_output_frames")
     _add_model_args(g)
+    _add_prompt_args(g)
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("stream", help="raw PCM on stdin -> raw rgb24 frames on stdout, as they are ready",
@@ -339,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["s16le", "f32le"], default="s16le", help="input sample format")
     s.add_argument("--chunk", type=int, default=640, help="samples read per push")
     _add_model_args(s)
+    _add_prompt_args(s)
     s.set_defaults(func=cmd_stream)
 
     v = sub.add_parser("serve", help="real-time WebSocket server and browser page",
@@ -349,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-sessions", type=int, default=4)
     v.add_argument("--device", default="cpu")
+    _add_prompt_args(v)
     v.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("train", help="training stages: vae, teacher, ode-generate, ode, dmd, recipe",
@@ -421,18 +456,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shards-only", action="store_true", help="skip the per-clip MP4/wav/PNG (training only)")
     d.set_defaults(func=cmd_data)
 
-    c = sub.add_parser("convert", help="any supported checkpoint -> our safetensors + config.yaml",
-                       description="Official AvatarForcing model.pt / ode_audio_init.pt, OmniAvatar (Wan base + "
-                                   "--lora), Wan2.1 (original or diffusers layout) -> our format.")
+    c = sub.add_parser("convert", help="published weights -> a model folder that `generate --model` runs",
+                       description="Official AvatarForcing model.pt / ode_audio_init.pt (+ --wan Wan2.1-T2V-1.3B/ "
+                                   "+ --wav2vec2 wav2vec2-base-960h/ for a complete folder), OmniAvatar (Wan base + "
+                                   "--lora), Wan2.1 (original or diffusers layout) -> our format. Official "
+                                   "checkpoints get the release's engine settings (README, 'Published weights').")
     c.add_argument("src", help="checkpoint file or folder")
     c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--wan", help="the Wan2.1-T2V-1.3B folder: VAE copied in, umT5 encoder + tokenizer referenced")
+    c.add_argument("--wav2vec2", help="the wav2vec2-base-960h folder (referenced)")
     c.add_argument("--format", default="auto", choices=["auto", "avatarforcing", "wan"])
     c.add_argument("--lora", help="OmniAvatar checkpoint (LoRA + audio modules) on top of the Wan base SRC")
+    c.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 64, the release's, for rank 128 only)")
+    c.add_argument("--lora-rank", type=int, help="expected LoRA rank (checked against the checkpoint)")
     c.add_argument("--ema", action="store_true", help="take generator_ema from an AvatarForcing checkpoint")
     c.add_argument("--preset", default="wan-1.3b", choices=["mini", "wan-1.3b"])
     c.add_argument("--config", help="a config YAML instead of the preset")
     c.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"])
+    c.add_argument("--paper-engine", action="store_true", help="official checkpoints: keep the paper's re-indexed "
+                                                               "positions and our input handling, not the release's")
+    c.add_argument("--cache-prompt", nargs="?", const="", metavar="PROMPT",
+                   help="encode a default prompt now (the built-in one if none given) into prompt.safetensors")
     c.set_defaults(func=cmd_convert)
+
+    ep = sub.add_parser("encode-prompt", help="prompt -> cached umT5 embeddings (load the 5.7B encoder once)",
+                        description="Encode a prompt with the model's umT5 encoder (GPU bf16 if present, else CPU) "
+                                    "and write [1, text_len, 4096] to a safetensors file for --prompt-embeds.")
+    ep.add_argument("prompt")
+    ep.add_argument("--model", required=True, help="model folder (its components.yaml names the encoder)")
+    ep.add_argument("--out", required=True, help="output .safetensors")
+    ep.add_argument("--text-encoder", help="umT5 weights (.pth or text_encoder/ folder) instead of the model's")
+    ep.add_argument("--tokenizer", help="tokenizer folder (google/umt5-xxl/) instead of the model's")
+    ep.add_argument("--device", help="default: cuda if available, else cpu")
+    ep.set_defaults(func=cmd_encode_prompt)
     return p
 
 

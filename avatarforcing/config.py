@@ -78,6 +78,7 @@ class CodecConfig:
     image_filter: str = "lanczos"  # "lanczos" | "bilinear" (antialiased, as the release's torchvision resize)
     resampler: str = "kaiser"  # "kaiser" (ours, polyphase) | "sinc_hann" (torchaudio's default algorithm)
     audio_rows: str = "streaming"  # "streaming": bounded windows per block | "clip": a file's rows at once
+    audio_clip_tail_frames: int = 80  # clip rows: audio frames after the video's end that the encoder sees
 
     @property
     def samples_per_frame(self) -> int:
@@ -309,6 +310,7 @@ def _validate(c: Config) -> None:
            f"must equal codec.temporal_stride ({k.temporal_stride})")
     _check(k.audio_lookahead_frames >= 0, "codec.audio_lookahead_frames", "must be >= 0")
     _check(k.audio_left_context_frames >= 0, "codec.audio_left_context_frames", "must be >= 0")
+    _check(k.audio_clip_tail_frames >= 0, "codec.audio_clip_tail_frames", "must be >= 0")
     _one_of(k.image_filter, "codec.image_filter", ("lanczos", "bilinear"))
     _one_of(k.resampler, "codec.resampler", ("kaiser", "sinc_hann"))
     _one_of(k.audio_rows, "codec.audio_rows", ("streaming", "clip"))

@@ -27,7 +27,7 @@ def test_convert_official_checkpoint(tmp_path, capsys):
     cfg.save(tmp_path / "tiny.yaml")
     torch.save({"generator": peft_layout(m.state_dict(), 4, zero_b=True)}, tmp_path / "model.pt")
     assert main(["convert", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--config",
-                 str(tmp_path / "tiny.yaml"), "--dtype", "fp32"]) == 0
+                 str(tmp_path / "tiny.yaml"), "--dtype", "fp32", "--lora-alpha", "8"]) == 0
     loaded, _ = load_model(tmp_path / "out")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in m.state_dict().items())
 

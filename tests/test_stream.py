@@ -7,8 +7,8 @@ import torch
 from avatarforcing.api import Avatar
 from avatarforcing.config import ModelConfig, preset
 from avatarforcing.model import AvatarDiT
-from avatarforcing.stream.schedule import teacher_sigmas, window_sigmas
 from avatarforcing.stream.positions import Layout
+from avatarforcing.stream.schedule import teacher_sigmas, window_sigmas
 from avatarforcing.stream.window import Options, WindowSampler
 
 TINY_MODEL = ModelConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, latent_channels=4, text_dim=0, text_len=0,

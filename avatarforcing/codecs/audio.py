@@ -150,9 +150,14 @@ class Wav2Vec2FrontEnd:
     def frames_ready(self, n_samples: int) -> int:
         return max(0, n_samples // self.spf - self.lookahead_frames)
 
+    @staticmethod
+    def normalise(pcm: Tensor) -> Tensor:
+        """Wav2Vec2FeatureExtractor's zero-mean unit-variance normalisation (population variance)."""
+        return (pcm - pcm.mean()) / torch.sqrt(pcm.var(correction=0) + 1e-7)
+
     @torch.no_grad()
-    def _encode(self, pcm: Tensor, n_frames: int) -> Tensor:
-        x = (pcm - pcm.mean()) / torch.sqrt(pcm.var() + 1e-7)  # Wav2Vec2FeatureExtractor normalisation
+    def _encode(self, pcm: Tensor, n_frames: int, normalise: bool = True) -> Tensor:
+        x = self.normalise(pcm) if normalise else pcm
         feats = self.model.feature_extractor(x[None].to(self.device))  # [1, C, T']
         feats = torch.nn.functional.interpolate(feats, size=n_frames, mode="linear", align_corners=True)
         hidden, _ = self.model.feature_projection(feats.transpose(1, 2))
@@ -174,6 +179,12 @@ class Wav2Vec2FrontEnd:
         x = check_pcm(pcm)
         n = math.ceil(len(x) / self.spf)
         return self._encode(_slice_zero_padded(x, 0, n * self.spf).float(), n)
+
+    def clip_rows(self, pcm: np.ndarray | Tensor, frames: int) -> Tensor:
+        """The release's rows for a whole file: normalised over all of ``pcm``, then cut (or zero-padded) to
+        ``frames`` video frames, CNN features interpolated to ``frames`` rows. [frames, dim]"""
+        x = self.normalise(check_pcm(pcm))
+        return self._encode(_slice_zero_padded(x, 0, frames * self.spf), frames, normalise=False)
 
     left_context_samples = property(lambda self: self.cfg.audio_left_context_frames * self.spf)
 

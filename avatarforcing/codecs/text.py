@@ -199,3 +199,89 @@ def load_prompt_embeds(path: str | Path, text_len: int, text_dim: int) -> Tensor
     if "context" not in sd:
         raise InputError(f"{p}: expected a 'context' tensor (from `avatarforcing encode-prompt`), found {sorted(sd)}")
     return pad_context(sd["context"], text_len, text_dim, str(p))
+
+
+class Prompts:
+    """Where a model's text context comes from: embeddings given or cached, or the umT5 encoder it references.
+
+    ``context(prompt, embeds)`` -> [1, text_len, text_dim] or None for models without text conditioning.
+    Precedence: ``embeds`` (a tensor or a file from ``encode-prompt``), then ``prompt`` (encoded once and cached
+    in memory and, when the model folder is writable, in ``<model>/prompts/``), then the default: the
+    folder's ``prompt.safetensors`` or ``DEFAULT_PROMPT``. The encoder is loaded for an encode and freed.
+    """
+
+    def __init__(self, text_len: int, text_dim: int, encoder: str | Path | None = None,
+                 tokenizer: str | Path | None = None, folder: Path | None = None, required: bool = True):
+        self.text_len, self.text_dim = text_len, text_dim
+        self.encoder, self.tokenizer, self.folder = encoder, tokenizer, folder
+        self.required = required  # False for random-weight models: no prompt means no cross-attention
+        self.default_embeds = folder / "prompt.safetensors" if folder is not None else None
+        self.server_default: Tensor | None = None  # set by ``set_default``
+        self._memory: dict[str, Tensor] = {}
+
+    def set_default(self, prompt: str | None = None, embeds: str | Path | Tensor | None = None) -> None:
+        """Make this prompt (or these embeddings) what ``context()`` returns when a call names none."""
+        if prompt is not None or embeds is not None:
+            self.server_default = self.context(prompt, embeds)
+
+    def context(self, prompt: str | None = None, embeds: str | Path | Tensor | None = None) -> Tensor | None:
+        if not self.text_dim:
+            if prompt is not None or embeds is not None:
+                raise InputError("this model has no text conditioning (text_dim 0): drop the prompt")
+            return None
+        if embeds is not None:
+            if isinstance(embeds, Tensor):
+                return pad_context(embeds, self.text_len, self.text_dim)
+            return load_prompt_embeds(embeds, self.text_len, self.text_dim)
+        if prompt is None:
+            if self.server_default is not None:
+                return self.server_default
+            if self.default_embeds is not None and self.default_embeds.is_file():
+                return load_prompt_embeds(self.default_embeds, self.text_len, self.text_dim)
+            if not self.required:
+                return None
+            prompt = DEFAULT_PROMPT
+        if not isinstance(prompt, str):
+            raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
+        return self._encode(prompt)
+
+    def _cache_file(self, prompt: str) -> Path | None:
+        if self.folder is None:
+            return None
+        import hashlib
+
+        key = hashlib.sha256(f"{self.text_len}\n{clean_prompt(prompt)}".encode()).hexdigest()[:24]
+        return self.folder / "prompts" / f"{key}.safetensors"
+
+    def _encode(self, prompt: str) -> Tensor:
+        if prompt in self._memory:
+            return self._memory[prompt]
+        cached = self._cache_file(prompt)
+        if cached is not None and cached.is_file():
+            ctx = load_prompt_embeds(cached, self.text_len, self.text_dim)
+        else:
+            if self.encoder is None or self.tokenizer is None:
+                raise InputError("this model needs text embeddings and references no umT5 encoder: pass "
+                                 "--prompt-embeds FILE (from `avatarforcing encode-prompt`), or convert the model "
+                                 "with --wan WAN_FOLDER so its text encoder is known")
+            ctx = encode_prompt(prompt, self.encoder, self.tokenizer, self.text_len)
+            if cached is not None:
+                try:
+                    save_prompt_embeds(cached, ctx, prompt)
+                except OSError:
+                    pass  # a read-only model folder: keep the result in memory only
+        if ctx.shape[2] != self.text_dim:
+            raise InputError(f"the text encoder gives {ctx.shape[2]}-dim rows; this model takes {self.text_dim}")
+        self._memory[prompt] = ctx
+        return ctx
+
+
+def encode_prompt(prompt: str, encoder: str | Path, tokenizer: str | Path, text_len: int = 512,
+                  device: str | None = None) -> Tensor:
+    """Load umT5 (GPU bf16 if there is one, else CPU bf16), encode one prompt, free it: [1, text_len, dim]."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    enc = TextEncoder(encoder, tokenizer, text_len, device, torch.bfloat16)
+    try:
+        return enc.encode(prompt)
+    finally:
+        enc.close()

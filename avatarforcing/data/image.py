@@ -46,29 +46,37 @@ def load_image(source: ImageSource) -> Image.Image:
 def fit_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
     """REFERENCE.md s3: keep aspect, scale down so area <= max_area, floor sides to ``multiple``."""
     scale = min(1.0, (max_area / (width * height)) ** 0.5)
-    w = int(width * scale) // multiple * multiple
-    h = int(height * scale) // multiple * multiple
+    w = max(multiple, int(width * scale) // multiple * multiple)
+    h = max(multiple, int(height * scale) // multiple * multiple)
     return w, h
 
 
+FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
+
+
 def prepare_image(
-    img: Image.Image, height: int, width: int, mode: str = "fit", min_side: int = 64, name: str = "image"
+    img: Image.Image, height: int, width: int, mode: str = "fit", min_side: int = 64, name: str = "image",
+    filter: str = "lanczos",
 ) -> np.ndarray:
     """Resize/crop for the model; returns float32 [3, H, W] in [-1, 1].
 
     mode "fit": the reference rules with the area cap height*width (output size follows the image aspect);
     mode "square": centre-square crop, resized to exactly height x width (the ``mini`` preset).
+    filter: "lanczos", or "bilinear" (PIL's antialiased bilinear: what the release's torchvision resize of a
+    PIL image runs).
     """
+    if filter not in FILTERS:
+        raise InputError(f"unknown image filter {filter!r}; expected one of {sorted(FILTERS)}")
     if min(img.size) < min_side:
         raise InputError(f"{name}: image is {img.size[0]}x{img.size[1]}, smaller than the {min_side}px "
                          f"the model needs on its shorter side")
     if mode == "square":
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((width, height), Image.Resampling.LANCZOS)
+        img = img.crop((left, top, left + side, top + side)).resize((width, height), FILTERS[filter])
     elif mode == "fit":
         w, h = fit_size(img.width, img.height, height * width)
-        img = img.resize((w, h), Image.Resampling.LANCZOS)
+        img = img.resize((w, h), FILTERS[filter])
     else:
         raise InputError(f"unknown image mode {mode!r}; expected 'fit' or 'square'")
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0

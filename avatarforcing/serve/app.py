@@ -221,8 +221,16 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
         seed = start.get("seed", 0)
         if not isinstance(seed, int):
             raise ClientError("protocol", "'seed' must be an integer")
+        prompt = start.get("prompt")
+        if prompt is not None:
+            if not isinstance(prompt, str) or len(prompt) > 4000:
+                raise ClientError("bad_prompt", "'prompt' must be a string of at most 4000 characters")
+            try:
+                await loop.run_in_executor(None, lambda: avatar.context(prompt))
+            except AvatarForcingError as e:
+                raise ClientError("bad_prompt", str(e)) from None
         try:
-            session = await loop.run_in_executor(None, lambda: avatar.session(image, seed=seed))
+            session = await loop.run_in_executor(None, lambda: avatar.session(image, seed=seed, prompt=prompt))
         except AvatarForcingError as e:
             raise ClientError("bad_image", str(e)) from None
         c = avatar.cfg.codec
@@ -282,9 +290,10 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
 
 
 def serve(model: str = "mini", host: str = "127.0.0.1", port: int = 8000, max_sessions: int = 4,
-          device: str = "cpu") -> None:
+          device: str = "cpu", dtype: str | None = None, prompt: str | None = None, prompt_embeds=None) -> None:
     import uvicorn
 
-    avatar = Avatar.load(model, device)
+    avatar = Avatar.load(model, device, dtype=dtype)
+    avatar.prompts.set_default(prompt, prompt_embeds)  # what sessions get when their start message has no prompt
     uvicorn.run(create_app(avatar, Limits(max_sessions=max_sessions)), host=host, port=port,
                 timeout_graceful_shutdown=10)

@@ -19,11 +19,11 @@ from .window import Trace, noise_like
 
 
 def teacher_velocity(model: AvatarDiT, x_in: Tensor, t: Tensor, pos: Tensor, audio: Tensor | None,
-                     guidance: float) -> Tensor:
-    v_pos = model(x_in, t, pos, audio=audio)
+                     guidance: float, text: Tensor | None = None) -> Tensor:
+    v_pos = model(x_in, t, pos, audio=audio, context=text)
     if audio is None or guidance == 1.0:
         return v_pos
-    v_neg = model(x_in, t, pos, audio=torch.zeros_like(audio))
+    v_neg = model(x_in, t, pos, audio=torch.zeros_like(audio), context=text)
     return v_neg + guidance * (v_pos - v_neg)
 
 
@@ -32,8 +32,9 @@ class TeacherSampler:
 
     def __init__(self, model: AvatarDiT, cfg: Config, reference: Tensor,
                  generator: torch.Generator | Sequence[torch.Generator], chunk_blocks: int | None = None,
-                 steps: int | None = None, guidance: float | None = None):
+                 steps: int | None = None, guidance: float | None = None, text: Tensor | None = None):
         s = cfg.stream
+        self.text = text  # [N, text_len, text_dim] or None
         self.model, self.cfg, self.reference = model, cfg, reference
         self.gens = generator
         self.B = s.block_frames
@@ -79,7 +80,7 @@ class TeacherSampler:
             seq = torch.cat([ref, ctx, x], dim=2)
             t = torch.cat([torch.zeros(n_clean), torch.full((n_new,), s_now)]).to(ref.device) * self.T
             x_in = self.model.condition(seq, ref, is_ref)
-            v = teacher_velocity(self.model, x_in, t.view(1, f).expand(n, f), pos, audio, self.guidance)
+            v = teacher_velocity(self.model, x_in, t.view(1, f).expand(n, f), pos, audio, self.guidance, self.text)
             self.trace.model_calls += 1 if audio is None else 2
             x = x + (s_next - s_now) * v[:, :, n_clean:]  # Euler step of dx/ds = v
         self.context = x[:, :, x.shape[2] - self.overlap:] if self.overlap else None
