@@ -134,7 +134,9 @@ class Wav2Vec2FrontEnd:
 
     def __init__(self, cfg: CodecConfig, model_dir: str | Path, device: str = "cpu"):
         from transformers import Wav2Vec2Model
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a progress bar per load is noise in a CLI's output
         d = Path(model_dir)
         if not (d / "config.json").is_file():
             raise InputError(f"{d}: not a wav2vec2 model folder (expected config.json and weights)")

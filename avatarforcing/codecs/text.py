@@ -84,7 +84,6 @@ def umt5_config(sd: StateDict):
 
 def load_umt5(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16):
     """``UMT5EncoderModel`` from the original ``.pth`` (Wan layout) or a diffusers ``text_encoder/`` folder."""
-    from transformers import UMT5EncoderModel
 
     p = Path(path)
     if not p.exists():
@@ -93,18 +92,31 @@ def load_umt5(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise InputError(f"{p}: not a text_encoder folder (no config.json)")
+        from transformers import UMT5EncoderModel
+
         try:
             return UMT5EncoderModel.from_pretrained(str(p), torch_dtype=dtype).to(device).eval()
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise CheckpointError(f"{p}: cannot load as a umT5 encoder ({type(e).__name__}: {e})") from None
-    sd = wan_t5_to_transformers(read_state_dict(p), str(p))
-    with torch.device("meta"):
-        model = UMT5EncoderModel(umt5_config(sd))
+            raise CheckpointError(f"{p}: cannot load as a umT5 encoder ({type(e).__name__}: {_one_line(e)})") from None
+    return umt5_from_state_dict(wan_t5_to_transformers(read_state_dict(p), str(p)), str(p), dtype).to(device)
+
+
+def umt5_from_state_dict(sd: StateDict, source: str, dtype: torch.dtype = torch.bfloat16):
+    """A transformers-layout state dict -> ``UMT5EncoderModel`` holding those tensors (no copy at init)."""
+    from transformers import UMT5EncoderModel
+
     from ..checkpoints import load_into
 
-    load_into(model, {k: v.to(dtype) for k, v in sd.items()}, str(p), assign=True)
-    model.encoder.embed_tokens = model.shared  # re-tie after assign
-    return model.to(device).eval()
+    with torch.device("meta"):
+        model = UMT5EncoderModel(umt5_config(sd))
+    load_into(model, {k: v.to(dtype) for k, v in sd.items()}, source, assign=True)
+    model.encoder.embed_tokens = model.shared  # the tie, broken by assigning tensors
+    return model.eval()
+
+
+def _one_line(e: Exception, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_tokenizer(path: str | Path):
@@ -117,7 +129,7 @@ def load_tokenizer(path: str | Path):
         tok = AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{p}: not a umT5 tokenizer folder (expected google/umt5-xxl/ with tokenizer.json or "
-                         f"spiece.model): {type(e).__name__}: {str(e)[:200]}") from None
+                         f"spiece.model): {type(e).__name__}: {_one_line(e)}") from None
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise InputError(f"{p}: the tokenizer has no pad or </s> token; expected the umT5 tokenizer")
     return tok

@@ -57,6 +57,19 @@ def original_vae_to_diffusers(sd: StateDict, num_res_blocks: int = 2) -> StateDi
     return out
 
 
+def _original_shape(sd: StateDict, source: str) -> dict:
+    """base_dim and z_dim of an original-layout VAE file (96 and 16 for Wan2.1; tests use tiny ones). The
+    latent normalisation constants are diffusers' Wan2.1 ones for z_dim 16, identity otherwise."""
+    try:
+        base_dim, z_dim = sd["encoder.conv1.weight"].shape[0], sd["conv2.weight"].shape[0]
+    except KeyError:
+        raise CheckpointError(f"{source}: no encoder.conv1 / conv2 weights: does not match the original Wan2.1 "
+                              f"VAE layout") from None
+    if z_dim == 16:
+        return {"base_dim": base_dim}
+    return {"base_dim": base_dim, "z_dim": z_dim, "latents_mean": [0.0] * z_dim, "latents_std": [1.0] * z_dim}
+
+
 class WanVAE:
     spatial_stride = 8
     temporal_stride = 4
@@ -79,13 +92,14 @@ class WanVAE:
             vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype)
         else:
             sd = read_state_dict(path)
-            vae = AutoencoderKLWan()  # the Wan2.1 defaults: base_dim 96, z_dim 16
+            vae = AutoencoderKLWan(**_original_shape(sd, str(path)))  # Wan2.1: base_dim 96, z_dim 16
             conv = original_vae_to_diffusers(sd)
             try:
                 load_into(vae, conv, str(path))
             except CheckpointError as e:
                 raise CheckpointError(f"{e} (read as the original Wan2.1 VAE layout)") from None
-            vae = vae.to(dtype)
+            if dtype != torch.float32:
+                vae = vae.to(dtype)
         return cls(vae.to(device))
 
     def train(self, mode: bool = True):
