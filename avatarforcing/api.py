@@ -79,10 +79,11 @@ class Avatar:
 
     @classmethod
     def load(cls, name_or_path: str | Path, device: str = "cpu", audio_model: str | Path | None = None,
-             dtype: str | None = None) -> Avatar:
+             dtype: str | None = None, overrides: dict | None = None) -> Avatar:
         """A model folder (config.yaml, model.safetensors, VAE, optional components.yaml) or a shipped model's name.
 
         dtype: "fp32" | "bf16" | "fp16" for the DiT and the VAE (default: bf16 on a GPU, fp32 on the CPU).
+        overrides: config fields to change for this run, e.g. ``{"codec.audio_lookahead_frames": 4}``.
         """
         path = Path(name_or_path)
         if not path.exists() and (PACKAGE_MODELS / str(name_or_path)).exists():
@@ -96,6 +97,8 @@ class Avatar:
             raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         dt = DTYPES[dtype]
         model, cfg = load_model(path, device, dtype=dt)
+        if overrides:
+            cfg = cfg.override(overrides)
         components = read_components(path)
         audio_model = audio_model or components.get("wav2vec2")
         if cfg.codec.vae == "wan":  # a diffusers `vae/` folder or the original Wan2.1_VAE.pth beside the model

@@ -31,6 +31,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     for name in ABLATIONS:
         p.add_argument(f"--no-{name}", action="store_true", help=f"ablation: disable the {name.replace('-', ' ')}")
+    p.add_argument("--audio-lookahead", type=int, help="wav2vec2 streaming: video frames of audio look-ahead per "
+                                                        "block (adds 40 ms each to the latency)")
+    p.add_argument("--audio-left-context", type=int, help="wav2vec2 streaming: video frames of left context")
+
+
+def _overrides(args) -> dict:
+    out = {}
+    if args.audio_lookahead is not None:
+        out["codec.audio_lookahead_frames"] = args.audio_lookahead
+    if args.audio_left_context is not None:
+        out["codec.audio_left_context_frames"] = args.audio_left_context
+    return out
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +86,7 @@ def cmd_generate(args) -> int:
     from .api import Avatar
     from .data.video import VideoWriter
 
-    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype)
+    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype, _overrides(args))
     rate = avatar.cfg.codec.sample_rate
     pcm = avatar.load_audio(args.audio)
     t0 = time.perf_counter()
@@ -115,7 +127,7 @@ def cmd_stream(args) -> int:
 
     from .api import Avatar
 
-    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype)
+    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype, _overrides(args))
     session = avatar.session(_reference(args), seed=args.seed, mode=args.mode, options=_options(args),
                              **_prompt(args))
     c = avatar.cfg.codec
@@ -164,6 +176,13 @@ def cmd_bench(args) -> int:
         print(text)
         if args.json:
             Path(args.json).write_text(text + "\n")
+    elif args.what == "audio-rows":
+        from .eval.bench import audio_rows_main
+
+        if not args.audio_model or not args.audio:
+            raise AvatarForcingError("bench audio-rows needs --audio-model (a wav2vec2-base-960h folder) and --audio")
+        audio_rows_main(args.audio_model, args.audio, [int(x) for x in args.left.split(",")],
+                        [int(x) for x in args.lookahead.split(",")], json_path=args.json)
     else:
         from .serve.bench import bench_serve
 
@@ -428,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed benchmarks (JSON)",
                        description="speed: the streaming engine (DiT + VAE) per step; codec: VAE decode rate; "
-                                   "serve: load test of the server on 127.0.0.1 with real-time clients.")
-    b.add_argument("what", choices=["speed", "codec", "serve"])
+                                   "serve: load test of the server on 127.0.0.1 with real-time clients; "
+                                   "audio-rows: streaming wav2vec2 rows against whole-clip rows.")
+    b.add_argument("what", choices=["speed", "codec", "serve", "audio-rows"])
     b.add_argument("--model", default="mini", choices=["mini", "wan-1.3b"])
     b.add_argument("--frames", type=int, default=1000)
     b.add_argument("--modes", default="avatarforcing,ar", help="comma-separated samplers to compare")
@@ -438,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the JSON result here")
     b.add_argument("--sessions", default="1,2,4", help="bench serve: concurrent sessions to try, in turn")
     b.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds of audio per session")
+    b.add_argument("--audio-model", help="bench audio-rows: a wav2vec2-base-960h folder")
+    b.add_argument("--audio", help="bench audio-rows: a speech file")
+    b.add_argument("--left", default="25,50,100", help="bench audio-rows: left contexts to try (video frames)")
+    b.add_argument("--lookahead", default="0,2,4,8", help="bench audio-rows: look-aheads to try (video frames)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("data", help="synthetic talking-head corpus: synth | identities",

@@ -165,3 +165,51 @@ def speed_main(model: str, frames: int, device: str, dtype: str, json_path: str 
         with open(json_path, "w") as f:
             f.write(text + "\n")
     return results
+
+
+def audio_rows_main(audio_model: str, audio: str, lefts: list[int], lookaheads: list[int],
+                    block_frames: int = 16, json_path: str | None = None) -> list[dict]:
+    """``bench audio-rows``: how far bounded streaming wav2vec2 rows are from the whole-clip rows.
+
+    For each (left context, look-ahead) the streaming rows of every block of ``block_frames`` video frames
+    (16 = one wan-1.3b block) are compared with the release's rows over the whole clip: relative L2 over all
+    14 x 768 dims and for the last hidden state alone, mean cosine, and the look-ahead the setting adds.
+    """
+    import dataclasses
+
+    from ..codecs.audio import Wav2Vec2FrontEnd
+    from ..data.audio import load_audio
+
+    base = preset("wan-1.3b").codec
+    pcm = torch.from_numpy(load_audio(audio, base.sample_rate))
+    n = len(pcm) // base.samples_per_frame // block_frames * block_frames
+    if n == 0:
+        raise ValueError(f"{audio}: shorter than one block of {block_frames} frames")
+    fe = Wav2Vec2FrontEnd(base, audio_model)
+    offline = fe.clip_rows(pcm, n)
+    width = fe.model.config.hidden_size
+    results = []
+    for left in lefts:
+        for la in lookaheads:
+            fe.cfg = dataclasses.replace(base, audio_left_context_frames=left, audio_lookahead_frames=la)
+            fe.lookahead_frames, fe.lookahead_samples = la, la * fe.spf
+            t0 = time.perf_counter()
+            stream = torch.cat([fe.features(pcm, a, a + block_frames) for a in range(0, n, block_frames)])
+            dt = time.perf_counter() - t0
+            diff = stream - offline
+            results.append({
+                "left_context_frames": left, "lookahead_frames": la, "lookahead_ms": 1000 * la / base.fps,
+                "rel_l2": float(diff.norm() / offline.norm()),
+                "rel_l2_last_hidden": float(diff[:, :width].norm() / offline[:, :width].norm()),
+                "cosine_mean": float(torch.nn.functional.cosine_similarity(stream, offline, dim=-1).mean()),
+                "ms_per_block": 1000 * dt / (n // block_frames),
+            })
+    out = {"audio": str(audio), "audio_model": str(audio_model), "frames": n, "block_frames": block_frames,
+           "device": device_name(torch.device("cpu")), "results": results}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if json_path:
+        from pathlib import Path
+
+        Path(json_path).write_text(text + "\n")
+    return results

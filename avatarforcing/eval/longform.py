@@ -9,6 +9,7 @@ meanwhile: that is what makes 400 clips x every mode fit a few minutes of an acc
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 import time
@@ -32,8 +33,10 @@ ABLATIONS = {
     "no-audio-zero-pad": Options(audio_zero_pad=False),
     "no-temporal-anchor": Options(temporal_anchor=False),
 }
+# the method with a config field changed: the release's position scheme (stream/positions.py)
+VARIANTS = {"release-positions": {"stream.positions": "release"}}
 # "real": the held-out render itself, scored the same way (the ceiling of every metric)
-ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, "real"]
+ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, *VARIANTS, "real"]
 SCALARS = ["lipsync_r", "viseme_acc", "sync_c", "sync_d", "lse_c", "lse_d", "identity_drift_end",
            "identity_drift_first_minute", "colour_drift_face_end", "colour_drift_background_end", "flicker_end",
            "fid", "fvd", "fps"]
@@ -134,7 +137,11 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                 if m == "real":
                     videos = [data[i]["real"] for i in idx]
                 else:
-                    videos = avatar.generate_batch([data[i]["ref"] for i in idx], drive, idx,
+                    engine = avatar
+                    if m in VARIANTS:
+                        engine = copy.copy(avatar)
+                        engine.cfg = avatar.cfg.override(VARIANTS[m])
+                    videos = engine.generate_batch([data[i]["ref"] for i in idx], drive, idx,
                                                    mode=m if m in MODES else "avatarforcing", options=ABLATIONS.get(m))
                 acc["gen_s"][m] += time.perf_counter() - t0
                 for i, video in zip(idx, videos):
