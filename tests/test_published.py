@@ -172,3 +172,13 @@ def test_encode_prompt_cli_and_embeds(converted, downloads, tmp_path):
     from_file = av.context(prompt_embeds=str(emb))
     assert from_file.shape == (1, 12, 16)
     assert torch.equal(from_file, av.context(prompt="a person speaks"))
+
+
+def test_bench_audio_rows_reports_every_setting(downloads, tmp_path):
+    from avatarforcing.eval.bench import audio_rows_main
+
+    res = audio_rows_main(str(downloads / "wav2vec2-base-960h"), str(downloads / "speech.wav"), [8, 25], [0, 2],
+                          json_path=str(tmp_path / "rows.json"))
+    assert [(r["left_context_frames"], r["lookahead_frames"]) for r in res] == [(8, 0), (8, 2), (25, 0), (25, 2)]
+    assert all(r["lookahead_ms"] == 40 * r["lookahead_frames"] and 0 < r["rel_l2"] for r in res)
+    assert (tmp_path / "rows.json").is_file()
