@@ -359,7 +359,8 @@ def cmd_eval(args) -> int:
 def cmd_serve(args) -> int:
     from .serve.app import serve
 
-    serve(args.model, args.host, args.port, args.max_sessions, args.device, dtype=args.dtype, **_prompt(args))
+    serve(args.model, args.host, args.port, args.max_sessions, args.device, dtype=args.dtype,
+          allow_origins=tuple(args.allow_origin or ()), docs=args.docs, **_prompt(args))
     return 0
 
 
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-sessions", type=int, default=4)
     v.add_argument("--device", default="cpu")
+    v.add_argument("--allow-origin", action="append", help="a web origin (https://example.org) whose pages may "
+                                                           "open streams, besides this server's own page; '*': any")
+    v.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
     _add_prompt_args(v)
     v.set_defaults(func=cmd_serve)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -14,8 +15,15 @@ from ..errors import InputError
 ImageSource = str | Path | bytes | BinaryIO | Image.Image | np.ndarray
 
 
-def load_image(source: ImageSource) -> Image.Image:
-    """Return an RGB PIL image with EXIF orientation applied."""
+MAX_PIXELS = 25_000_000  # ~ a 6000 x 4000 photo; larger is refused before decoding
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Return an RGB PIL image with EXIF orientation applied.
+
+    The size is read from the file's header and checked against ``max_pixels`` before any pixel is decoded,
+    so a small file that claims a huge image cannot allocate its size.
+    """
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if isinstance(source, np.ndarray):
@@ -36,11 +44,21 @@ def load_image(source: ImageSource) -> Image.Image:
     if not data:
         raise InputError(f"{name}: the image file is empty")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides below
+            img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:
+        raise InputError(f"{name}: image is over the limit of {max_pixels / 1e6:.0f} megapixels") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InputError(f"{name}: not a readable image (expected jpg, png or webp)") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise InputError(f"{name}: image of {w}x{h} pixels is over the limit of {max_pixels / 1e6:.0f} megapixels")
+    try:
         img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{name}: not a readable image (expected jpg, png or webp): {e}") from None
-    return ImageOps.exif_transpose(img).convert("RGB")
+        return ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError):
+        raise InputError(f"{name}: the image data is damaged or truncated") from None
 
 
 def fit_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
