@@ -1,6 +1,7 @@
-"""Browser end-to-end: headless Debian Chromium (playwright-core) opens the page, a wav file plays as the
-microphone, frames must be drawn. Needs `chromium` and `npm install` in tests/browser (.ci/run does both)."""
+"""Browser end-to-end: headless Debian Chromium (playwright-core) drives the served page on a phone-sized
+screen. Needs `chromium` and `npm install` in tests/browser (.ci/run does both); skipped otherwise."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,8 +21,8 @@ needs_browser = pytest.mark.skipif(
     reason="needs Debian chromium, node and `npm install` in tests/browser (see .ci/run)")
 
 
-@needs_browser
-def test_page_draws_frames_from_the_microphone(tmp_path):
+@pytest.fixture(scope="module")
+def server():
     import uvicorn
 
     from avatarforcing.api import Avatar
@@ -29,21 +30,50 @@ def test_page_draws_frames_from_the_microphone(tmp_path):
 
     from .test_serve import _free_port
 
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(Avatar.load("mini")), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    srv.should_exit = True
+    th.join(10)
+
+
+def run_flow(url, flow, arg) -> dict:
+    res = subprocess.run(["node", str(HERE / "e2e.mjs"), url, flow, str(arg)], capture_output=True, text=True,
+                         timeout=150, cwd=HERE)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    line = [x for x in res.stdout.splitlines() if x.startswith("{")][-1]
+    return json.loads(line)
+
+
+@needs_browser
+def test_page_draws_frames_from_the_microphone(server, tmp_path):
     wav = tmp_path / "mic.wav"
     t = np.arange(16000 * 8) / 16000
     sf.write(wav, (0.4 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 2 * t) > 0)).astype(np.float32), 16000)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Avatar.load("mini")), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        res = subprocess.run(["node", str(HERE / "e2e.mjs"), f"http://127.0.0.1:{port}/", str(wav), "12"],
-                             capture_output=True, text=True, timeout=120, cwd=HERE)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-        assert '"frames"' in res.stdout
-    finally:
-        server.should_exit = True
-        th.join(10)
+    out = run_flow(server, "mic", wav)
+    assert out["frames"] >= 12 and out["lit"] > 10
+
+
+@needs_browser
+def test_typed_sentence_speaks_and_the_recording_downloads(server, tmp_path):
+    pytest.importorskip("avatarforcing.data.speech").engine()  # server-side speech needs libespeak-ng
+    out = run_flow(server, "say", tmp_path)
+    assert out["frames"] >= 25 and out["motion"]["mouth"] > 1.5 * out["motion"]["forehead"]
+    from avatarforcing.data.video import read_video
+
+    frames, fps, audio = read_video(tmp_path / "recording.mp4")
+    assert frames.shape[0] >= 25 and fps == 25 and audio is not None
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+@needs_browser
+def test_bad_portrait_shows_a_readable_banner(server, tmp_path):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_bytes(b"this is not a picture" * 20)
+    out = run_flow(server, "error", bad)
+    assert "not a readable image" in out["banner"]

@@ -1,32 +1,79 @@
-// Opens the page, plays a wav file as the microphone (Chromium's fake capture), clicks "Speak" and waits
-// until frames are drawn. Usage: node e2e.mjs URL WAV [min_frames]
+// Browser flows of the served page in Debian's headless Chromium. Usage: node e2e.mjs URL FLOW [ARG]
+//   mic WAV     the wav plays as the microphone (fake capture); frames must be drawn
+//   say DIR     type a sentence, "Say it" with recording on: frames arrive, the mouth region moves more than
+//               the forehead, and the MP4 download is saved to DIR/recording.mp4
+//   error FILE  upload FILE (not an image) as the portrait: a readable error banner appears
+// Prints one JSON line with what it measured; exits non-zero on failure.
 import { chromium } from "playwright-core";
 
-const [url, wav, minFrames = "12"] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-         `--use-file-for-fake-audio-capture=${wav}`, "--autoplay-policy=no-user-gesture-required"],
-});
+const [url, flow, arg] = process.argv.slice(2);
+const args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required"];
+if (flow === "mic") args.push(`--use-file-for-fake-audio-capture=${arg}`);
+const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args });
+
+function fail(msg) { throw new Error(msg); }
+
+// mean |change| between consecutive snapshots of a canvas region, over the run
+const SAMPLER = `(() => {
+  const c = document.getElementById("view"), g = c.getContext("2d");
+  const regions = { mouth: [48, 62, 32, 28], forehead: [48, 18, 32, 20] };
+  const last = {}, sum = { mouth: 0, forehead: 0 }; let n = 0;
+  window.motion = () => ({ mouth: sum.mouth / Math.max(n, 1), forehead: sum.forehead / Math.max(n, 1), n });
+  setInterval(() => {
+    if (!window.avatarFramesDrawn) return;
+    for (const [k, [x, y, w, h]] of Object.entries(regions)) {
+      const d = g.getImageData(x, y, w, h).data;
+      if (last[k]) { let s = 0; for (let i = 0; i < d.length; i += 4) s += Math.abs(d[i] - last[k][i]) + Math.abs(d[i + 1] - last[k][i + 1]);
+        sum[k] += s / (d.length / 2); }
+      last[k] = d;
+    }
+    if (last.mouth) n++;
+  }, 80);
+})()`;
+
 try {
-  const page = await browser.newPage();
+  const page = await browser.newPage({ viewport: { width: 390, height: 844 } });  // a phone-sized screen
   page.on("console", (m) => console.log("page:", m.text()));
   await page.goto(url);
-  await page.waitForFunction(() => document.querySelectorAll("#identity option").length > 0);
-  await page.click("#mic");
-  await page.waitForFunction((n) => (window.avatarFramesDrawn || 0) >= n, Number(minFrames), { timeout: 60000 });
-  // the canvas holds a drawn face, not the empty background
-  const lit = await page.evaluate(() => {
-    const c = document.getElementById("view");
-    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-    let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2];
-    return s / (d.length / 4);
-  });
-  const stats = await page.textContent("#stats");
-  console.log(JSON.stringify({ frames: await page.evaluate(() => window.avatarFramesDrawn), lit, stats }));
-  if (lit < 10) throw new Error("canvas is empty");
+  await page.waitForFunction(() => document.querySelectorAll("#identities button").length > 0);
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+  if (overflow) fail("the page is wider than a phone screen");
+  if (flow === "mic") {
+    await page.click("#mic");
+    await page.waitForFunction(() => (window.avatarFramesDrawn || 0) >= 12, null, { timeout: 60000 });
+    const lit = await page.evaluate(() => {
+      const c = document.getElementById("view");
+      const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+      let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2];
+      return s / (d.length / 4);
+    });
+    console.log(JSON.stringify({ flow, frames: await page.evaluate(() => window.avatarFramesDrawn), lit }));
+    if (lit < 10) fail("canvas is empty");
+  } else if (flow === "say") {
+    await page.evaluate(SAMPLER);
+    await page.check("#record");
+    await page.fill("#text", "Hello there. My mouth opens and closes while I read this sentence aloud to you.");
+    await page.click("#say");
+    await page.waitForSelector("#download", { state: "visible", timeout: 90000 });
+    const frames = await page.evaluate(() => window.avatarFramesDrawn);
+    const motion = await page.evaluate(() => window.motion());
+    const stats = await page.evaluate(() => ["s-fps", "s-lat", "s-look", "s-sessions"].map((id) => document.getElementById(id).textContent));
+    const [download] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
+    await download.saveAs(`${arg}/recording.mp4`);
+    await page.screenshot({ path: `${arg}/page.png`, fullPage: true });
+    console.log(JSON.stringify({ flow, frames, motion, stats }));
+    if (frames < 25) fail(`only ${frames} frames drawn`);
+    if (!(motion.mouth > 1.0 && motion.mouth > 1.5 * motion.forehead)) fail(`the mouth did not move: ${JSON.stringify(motion)}`);
+    if (stats[2] === "–") fail("no look-ahead shown");
+  } else if (flow === "error") {
+    await page.setInputFiles("#portrait", arg);
+    await page.waitForSelector("#banner", { state: "visible", timeout: 20000 });
+    const text = await page.textContent("#banner-text");
+    console.log(JSON.stringify({ flow, banner: text }));
+    if (!/portrait could not be used/.test(text) || /Traceback|BytesIO/.test(text)) fail(`unexpected banner: ${text}`);
+  } else fail(`unknown flow ${flow}`);
 } finally {
   await browser.close();
 }
