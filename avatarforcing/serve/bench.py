@@ -55,15 +55,14 @@ def _client(url: str, seconds: float, out: dict) -> None:
 
 def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: float = 10.0,
                 json_path: str | None = None) -> list[dict]:
-    import uvicorn
-
     from ..api import Avatar
     from .app import Limits, create_app
+    from .http import server as http_server
 
     avatar = Avatar.load(model)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(avatar, Limits(max_sessions=max(sessions))),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    limits = Limits(max_sessions=max(sessions))
+    server = http_server(create_app(avatar, limits), "127.0.0.1", port, limits, log_level="warning")
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     while not server.started:
