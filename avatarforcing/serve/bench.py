@@ -1,4 +1,5 @@
-"""``avatarforcing bench serve``: a bounded load test on 127.0.0.1 (server + S real-time clients in one run)."""
+"""``avatarforcing bench serve``: a bounded load test on 127.0.0.1 (the server in its own process + S real-time
+clients, in one run)."""
 
 from __future__ import annotations
 
@@ -55,20 +56,28 @@ def _client(url: str, seconds: float, out: dict) -> None:
 
 def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: float = 10.0,
                 json_path: str | None = None) -> list[dict]:
-    from ..api import Avatar
-    from .app import Limits, create_app
-    from .http import server as http_server
+    """Start ``avatarforcing serve`` in its own process (its own GIL, as in production) and run S real-time
+    clients against it from this one, for each S in ``sessions``."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
 
-    avatar = Avatar.load(model)
     port = _free_port()
-    limits = Limits(max_sessions=max(sessions))
-    server = http_server(create_app(avatar, limits), "127.0.0.1", port, limits, log_level="warning")
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
+    proc = subprocess.Popen([sys.executable, "-m", "avatarforcing.cli", "serve", "--model", model, "--port",
+                             str(port), "--max-sessions", str(max(sessions))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     results = []
     try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"avatarforcing serve did not start (exit code {proc.poll()})") from None
+                time.sleep(0.2)
         for s in sessions:
             outs = [{} for _ in range(s)]
             threads = [threading.Thread(target=_client, args=(f"ws://127.0.0.1:{port}/ws", seconds, o)) for o in outs]
@@ -84,8 +93,8 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
                             "errors": [o["error"] for o in outs if "error" in o]})
             print(json.dumps(results[-1]), flush=True)
     finally:
-        server.should_exit = True
-        th.join(10)
+        proc.terminate()
+        proc.wait(30)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
