@@ -50,6 +50,7 @@ log = logging.getLogger("avatarforcing.serve")
 class Limits:
     max_sessions: int = 4
     max_pending: int = 16  # connections that have not sent a valid 'start' yet (they hold no session slot)
+    max_pending_per_client: int = 4  # of those, from one client address
     start_timeout_s: float = 10.0  # a connection must send 'start' within this
     max_message_bytes: int = 1 << 20  # per WebSocket message (an image or an audio chunk)
     max_session_seconds: float = 3600.0  # wall-clock length of a session, and of audio per session
@@ -274,6 +275,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     metrics = Metrics()
     state = {"shutting_down": False, "pending": 0, "active": 0}
+    pending_by_client: dict[str, int] = {}
     live: set[Live] = set()
     recordings = Recordings(limits)
     speech_lock = asyncio.Lock()
@@ -330,8 +332,12 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
     @app.api_route("/model", methods=["GET", "HEAD"])
     async def model_info():
         c = avatar.cfg
+        frames = c.stream.window_blocks * c.stream.block_frames * c.codec.temporal_stride  # the window's future
+        samples = frames * c.codec.samples_per_frame + avatar.front_end.lookahead_samples
+        lookahead = 1000 * samples / c.codec.sample_rate
         return JSONResponse({"name": c.name, "width": c.codec.width, "height": c.codec.height, "fps": c.codec.fps,
-                             "text": bool(c.model.text_dim), "about": about(c.name)})
+                             "text": bool(c.model.text_dim), "lookahead_ms": lookahead, "about": about(c.name),
+                             "max_sessions": limits.max_sessions})
 
     @app.post("/prepare")
     async def prepare(request: Request):
@@ -385,10 +391,14 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
             await ws.close(1008)  # before accept: the handshake is answered 403
             return
         await ws.accept()
-        if state["shutting_down"] or state["active"] >= limits.max_sessions or state["pending"] >= limits.max_pending:
+        who = ws.client.host if ws.client else "?"
+        crowded = state["pending"] >= limits.max_pending or \
+            pending_by_client.get(who, 0) >= limits.max_pending_per_client
+        if state["shutting_down"] or state["active"] >= limits.max_sessions or crowded:
             await _refuse(ws)
             return
         state["pending"] += 1
+        pending_by_client[who] = pending_by_client.get(who, 0) + 1
         try:
             msg = await _receive(ws, limits.start_timeout_s, "start_timeout",
                                  f"no 'start' message within {limits.start_timeout_s:.0f} s")
@@ -402,6 +412,9 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
             return
         finally:
             state["pending"] -= 1
+            pending_by_client[who] -= 1
+            if not pending_by_client[who]:
+                del pending_by_client[who]
         if state["shutting_down"] or state["active"] >= limits.max_sessions:
             await _refuse(ws)
             return
