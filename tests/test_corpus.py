@@ -97,3 +97,17 @@ def test_video_folder_dataset(corpus, tmp_path):
     ref = np.asarray(CorpusDataset(corpus, "train", window_frames=25).shards[0][1][1][: 25 * 640])
     got = item["audio"].numpy()
     assert np.corrcoef(ref, got)[0, 1] > 0.9  # the clip's own speech, through an AAC round trip
+
+
+def test_speech_library_comes_with_the_project(monkeypatch):
+    """No system package: libespeak-ng and its data come from the espeakng-loader wheel unless ESPEAK_NG_LIB
+    points elsewhere; the same request gives the same samples."""
+    from avatarforcing.data.speech import library, synthesize
+
+    monkeypatch.delenv("ESPEAK_NG_LIB", raising=False)
+    lib, data = library()
+    assert "espeakng_loader" in lib and data is not None and data.endswith("espeak-ng-data")
+    monkeypatch.setenv("ESPEAK_NG_LIB", "/opt/elsewhere/libespeak-ng.so")
+    assert library()[0] == "/opt/elsewhere/libespeak-ng.so"
+    a, b = synthesize("The same words twice."), synthesize("The same words twice.")
+    assert len(a.samples) > 10_000 and np.array_equal(a.samples, b.samples) and a.phonemes == b.phonemes

@@ -46,15 +46,33 @@ class Speech:
     words: list[tuple[int, float]]  # (text position, start time)
 
 
+def library() -> tuple[str, str | None]:
+    """(libespeak-ng to load, its data folder or None for the library's default).
+
+    In order: ``ESPEAK_NG_LIB`` / ``ESPEAK_DATA_PATH`` if set; the ``espeakng-loader`` wheel (libespeak-ng 1.52
+    with its data, installed with the project, so nothing comes from the system); the system library.
+    Output bytes are deterministic for a given library version, not across versions.
+    """
+    if os.environ.get("ESPEAK_NG_LIB"):
+        return os.environ["ESPEAK_NG_LIB"], os.environ.get("ESPEAK_DATA_PATH")
+    try:
+        import espeakng_loader
+
+        return str(espeakng_loader.get_library_path()), str(espeakng_loader.get_data_path())
+    except (ImportError, OSError):
+        pass
+    name = ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
+    return name, os.environ.get("ESPEAK_DATA_PATH")
+
+
 class _Engine:
     def __init__(self):
-        # ESPEAK_NG_LIB / ESPEAK_DATA_PATH: a library and data unpacked somewhere other than the system paths
-        name = os.environ.get("ESPEAK_NG_LIB") or ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
+        name, self.data_path = library()
         try:
             self.lib = ctypes.CDLL(name)
         except OSError:
-            raise AvatarForcingError("libespeak-ng not found: install the Debian packages espeak-ng and "
-                                     "libespeak-ng1 (see .ci/run)") from None
+            raise AvatarForcingError("libespeak-ng not found: `pip install espeakng-loader` (a project dependency) "
+                                     "or install the Debian packages espeak-ng and libespeak-ng1") from None
         lib = self.lib
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -75,7 +93,7 @@ class _Engine:
         """Initialise the library. It carries state from one utterance to the next, so output depends on
         what the process synthesised before: callers that need reproducible bytes use a fresh process
         per sequence of requests (see ``corpus.clip_speech``)."""
-        data = os.environ.get("ESPEAK_DATA_PATH")  # the folder holding espeak-ng-data/
+        data = self.data_path  # espeak-ng-data/ or the folder holding it
         self.rate = self.lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode() if data else None,
                                                INITIALIZE_PHONEME_EVENTS)
         if self.rate <= 0:
