@@ -357,6 +357,26 @@ def cmd_eval(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.ray:
+        from .serve.ray import serve_forever
+
+        autoscale = None
+        if args.autoscale:
+            try:
+                lo, hi = (int(x) for x in args.autoscale.split(":"))
+            except ValueError:
+                raise AvatarForcingError(f"--autoscale {args.autoscale!r}: expected MIN:MAX, e.g. 1:4") from None
+            if not 1 <= lo <= hi:
+                raise AvatarForcingError(f"--autoscale {args.autoscale!r}: need 1 <= MIN <= MAX")
+            autoscale = (lo, hi)
+        prompt = _prompt(args)
+        if prompt["prompt_embeds"]:
+            raise AvatarForcingError("serve --ray takes --prompt or --prompt-file (replicas encode it themselves)")
+        serve_forever(model=args.model, host=args.host, port=args.port, device=args.device,
+                      sessions=args.sessions_per_replica, replicas=args.replicas, autoscale=autoscale,
+                      gpus_per_replica=args.gpus_per_replica, address=args.address, dtype=args.dtype,
+                      prompt=prompt["prompt"])
+        return 0
     from .serve.app import serve
 
     serve(args.model, args.host, args.port, args.max_sessions, args.device, dtype=args.dtype,
@@ -406,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-origin", action="append", help="a web origin (https://example.org) whose pages may "
                                                            "open streams, besides this server's own page; '*': any")
     v.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
+    r = v.add_argument_group("Ray Serve (many replicas, GPUs, machines; pip install -e '.[ray]')")
+    r.add_argument("--ray", action="store_true", help="serve as a Ray Serve application")
+    r.add_argument("--replicas", type=int, default=2, help="fixed number of replicas (default 2)")
+    r.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale replicas on live sessions instead")
+    r.add_argument("--sessions-per-replica", type=int, default=2, help="session slots of each replica")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica owns (1 with --device cuda)")
+    r.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://head:10001); default: start one")
     _add_prompt_args(v)
     v.set_defaults(func=cmd_serve)
 

@@ -101,7 +101,7 @@ def test_video_folder_dataset(corpus, tmp_path):
 
 def test_speech_library_comes_with_the_project(monkeypatch):
     """No system package: libespeak-ng and its data come from the espeakng-loader wheel unless ESPEAK_NG_LIB
-    points elsewhere; the same request gives the same samples."""
+    points elsewhere (byte-determinism across processes: test_same_seed_same_bytes)."""
     from avatarforcing.data.speech import library, synthesize
 
     monkeypatch.delenv("ESPEAK_NG_LIB", raising=False)
@@ -109,5 +109,6 @@ def test_speech_library_comes_with_the_project(monkeypatch):
     assert "espeakng_loader" in lib and data is not None and data.endswith("espeak-ng-data")
     monkeypatch.setenv("ESPEAK_NG_LIB", "/opt/elsewhere/libespeak-ng.so")
     assert library()[0] == "/opt/elsewhere/libespeak-ng.so"
-    a, b = synthesize("The same words twice."), synthesize("The same words twice.")
-    assert len(a.samples) > 10_000 and np.array_equal(a.samples, b.samples) and a.phonemes == b.phonemes
+    monkeypatch.delenv("ESPEAK_NG_LIB")
+    a = synthesize("The same words twice.")
+    assert len(a.samples) > 10_000 and np.abs(a.samples).max() > 0.05 and len(a.phonemes) > 8

@@ -61,6 +61,7 @@ class Limits:
     max_image_pixels: int = 25_000_000  # checked from the image header, before decoding
     max_text_chars: int = 500  # /speak
     jpeg_quality: int = 85
+    late_ms: float = 500.0  # a frame later than this beyond its look-ahead counts in frames_late_total
     allow_origins: tuple[str, ...] = ()  # besides same-host pages and clients sending no Origin; "*": any
     docs: bool = False  # /docs, /redoc, /openapi.json
     recordings: int = 8  # MP4 recordings kept for download (oldest deleted first)
@@ -68,23 +69,32 @@ class Limits:
 
 
 class Metrics:
+    """Counters of one server process; ``render`` turns snapshots of one or several replicas into Prometheus
+    text (totals, plus a ``replica``-labelled series per replica when there are several)."""
+
     HELP = {
         "sessions_active": ("gauge", "Streams open now."),
         "sessions_pending": ("gauge", "Connections that have not started a stream yet."),
         "sessions_total": ("counter", "Streams started."),
         "sessions_rejected_total": ("counter", "Connections refused: all session slots busy, or shutting down."),
         "frames_total": ("counter", "Video frames sent."),
+        "frames_late_total": ("counter", "Frames sent more than late_ms after the audio they needed arrived "
+                                         "(beyond the look-ahead)."),
+        "queue_seconds": ("gauge", "Audio received and not yet processed, seconds, over all streams."),
+        "steps_per_second": ("gauge", "Model pushes per second over the last 10 s."),
         "errors_total": ("counter", "Streams ended by an error (client mistakes and internal errors)."),
         "internal_errors_total": ("counter", "Streams ended by a server fault (logged with a traceback)."),
     }
+    WINDOW_S = 10.0
 
     def __init__(self):
         self.values = dict.fromkeys(self.HELP, 0)
         self.step_counts = [0] * (len(BUCKETS) + 1)
         self.step_sum = 0.0
         self.step_n = 0
+        self.recent: list[float] = []  # times of the steps of the last WINDOW_S seconds
 
-    def add(self, name: str, n: int = 1) -> None:
+    def add(self, name: str, n: float = 1) -> None:
         self.values[name] += n
 
     def observe_step(self, seconds: float) -> None:
@@ -93,21 +103,42 @@ class Metrics:
         self.step_counts[i] += 1
         self.step_sum += seconds
         self.step_n += 1
+        self.recent.append(time.monotonic())
+
+    def snapshot(self) -> dict:
+        now = time.monotonic()
+        self.recent = [t for t in self.recent if now - t <= self.WINDOW_S]
+        self.values["steps_per_second"] = len(self.recent) / self.WINDOW_S
+        return {"values": dict(self.values), "step_counts": list(self.step_counts), "step_sum": self.step_sum,
+                "step_n": self.step_n}
 
     def text(self) -> str:
+        return self.render({"": self.snapshot()})
+
+    @classmethod
+    def render(cls, snapshots: dict[str, dict]) -> str:
         lines = []
-        for name, (kind, help_text) in self.HELP.items():
+        for name, (kind, help_text) in cls.HELP.items():
+            total = sum(snap["values"].get(name, 0) for snap in snapshots.values())
             lines += [f"# HELP avatarforcing_{name} {help_text}", f"# TYPE avatarforcing_{name} {kind}",
-                      f"avatarforcing_{name} {self.values[name]}"]
+                      f"avatarforcing_{name} {total:g}"]
+        if len(snapshots) > 1 or "" not in snapshots:
+            for name, (kind, help_text) in cls.HELP.items():
+                lines += [f"# HELP avatarforcing_replica_{name} {help_text} Per replica.",
+                          f"# TYPE avatarforcing_replica_{name} {kind}"]
+                lines += [f'avatarforcing_replica_{name}{{replica="{r}"}} {snap["values"].get(name, 0):g}'
+                          for r, snap in sorted(snapshots.items())]
         lines += ["# HELP avatarforcing_step_latency_seconds Compute time of a push that ran the model "
                   "(model steps + decode).", "# TYPE avatarforcing_step_latency_seconds histogram"]
+        counts = [sum(snap["step_counts"][i] for snap in snapshots.values()) for i in range(len(BUCKETS) + 1)]
         acc = 0
-        for b, c in zip(BUCKETS, self.step_counts):
+        for b, c in zip(BUCKETS, counts):
             acc += c
             lines.append(f'avatarforcing_step_latency_seconds_bucket{{le="{b}"}} {acc}')
-        lines.append(f'avatarforcing_step_latency_seconds_bucket{{le="+Inf"}} {self.step_n}')
-        lines.append(f"avatarforcing_step_latency_seconds_sum {self.step_sum}")
-        lines.append(f"avatarforcing_step_latency_seconds_count {self.step_n}")
+        n = sum(snap["step_n"] for snap in snapshots.values())
+        lines.append(f'avatarforcing_step_latency_seconds_bucket{{le="+Inf"}} {n}')
+        lines.append(f"avatarforcing_step_latency_seconds_sum {sum(s['step_sum'] for s in snapshots.values())}")
+        lines.append(f"avatarforcing_step_latency_seconds_count {n}")
         return "\n".join(lines) + "\n"
 
 
@@ -271,10 +302,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
+def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None = None,
+               metrics_source=None) -> FastAPI:
+    """The server's app. ``replica``: a name sent in 'ready' (a replicated deployment); ``metrics_source``: an
+    async callable returning {replica: Metrics snapshot} for /metrics (default: this process's own)."""
     limits = limits or Limits()
     metrics = Metrics()
-    state = {"shutting_down": False, "pending": 0, "active": 0}
+    state = {"shutting_down": False, "pending": 0, "active": 0, "queued": 0}  # queued: samples, all streams
     pending_by_client: dict[str, int] = {}
     live: set[Live] = set()
     recordings = Recordings(limits)
@@ -314,10 +348,17 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
         return JSONResponse({"status": "shutting_down" if state["shutting_down"] else "ok",
                              "sessions": state["active"], "max_sessions": limits.max_sessions})
 
+    def sync_gauges() -> None:
+        metrics.values["sessions_active"], metrics.values["sessions_pending"] = state["active"], state["pending"]
+        metrics.values["queue_seconds"] = state["queued"] / avatar.cfg.codec.sample_rate
+
+    app.state.snapshot = lambda: (sync_gauges(), metrics.snapshot())[1]
+
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prom():
-        metrics.values["sessions_active"], metrics.values["sessions_pending"] = state["active"], state["pending"]
-        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+        sync_gauges()
+        text = Metrics.render(await metrics_source()) if metrics_source is not None else metrics.text()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.api_route("/identities", methods=["GET", "HEAD"])
     async def identities():
@@ -504,8 +545,11 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
             except TimeoutError:
                 raise ClientError("slow_consumer", "client stopped reading frames") from None
 
-        await send(json.dumps({"type": "ready", "width": c.width, "height": c.height, "fps": c.fps,
-                               "lookahead_ms": session.lookahead_ms, "frame_header": "<Id"}))
+        ready = {"type": "ready", "width": c.width, "height": c.height, "fps": c.fps,
+                 "lookahead_ms": session.lookahead_ms, "frame_header": "<Id"}
+        if replica is not None:
+            ready["replica"] = replica
+        await send(json.dumps(ready))
         t_start = time.monotonic()
         rate = c.sample_rate
         queue: asyncio.Queue = asyncio.Queue()
@@ -534,6 +578,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
                     now = time.monotonic()
                     arrived.extend([now] * (counts["received"] // c.samples_per_frame - len(arrived)))
                     counts["buffered"] += len(pcm)
+                    state["queued"] += len(pcm)
                     queue.put_nowait(pcm)
                     if counts["buffered"] > limits.max_buffered_seconds * rate:
                         room.clear()
@@ -554,9 +599,11 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
                     await send(data=FRAME_HEADER.pack(n, n / c.fps) + _encode_jpeg(f, limits.jpeg_quality))
                     counts["sent"] = n + 1
                     metrics.add("frames_total")
+                    need = n + int(session.lookahead_ms * c.fps / 1000)
+                    lat = 1000 * (time.monotonic() - arrived[need]) if need < len(arrived) else None
+                    if lat is not None and lat > limits.late_ms:
+                        metrics.add("frames_late_total")
                     if (n + 1) % c.fps == 0:
-                        need = n + int(session.lookahead_ms * c.fps / 1000)
-                        lat = 1000 * (time.monotonic() - arrived[need]) if need < len(arrived) else None
                         await send(json.dumps({"type": "stats", "frames": n + 1, "latency_ms": lat,
                                                "fps": (n + 1) / (time.monotonic() - t_start),
                                                "lookahead_ms": session.lookahead_ms,
@@ -581,6 +628,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
                 final = items[-1] is None
                 pcm = np.concatenate([x for x in items if x is not None] or [np.zeros(0, np.float32)])
                 counts["buffered"] -= len(pcm)
+                state["queued"] -= len(pcm)
                 if counts["buffered"] <= limits.max_buffered_seconds * rate:
                     room.set()
                 if writer is not None:
@@ -605,6 +653,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None) -> FastAPI:
                     return
         finally:
             read_task.cancel()
+            state["queued"] -= counts["buffered"]  # what this stream left unprocessed
             if writer is not None:  # an unfinished recording is not kept
                 try:
                     writer.close()

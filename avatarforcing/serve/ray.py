@@ -1,0 +1,170 @@
+"""Many avatars across GPUs and machines: the same server app, replicated by Ray Serve (``serve --ray``).
+
+    clients --ws/http--> Ray Serve proxy --(one replica per connection, for its whole life)--> replica i
+    replica i = AvatarReplica: one device, ``Avatar.load`` once, ``create_app`` with K session slots
+    MetricsHub (one Ray actor): each replica reports a snapshot every second; /metrics on any replica
+    renders the sum and a per-replica series
+
+Admission: a replica accepts at most K sessions (``Limits.max_sessions``); the router sends a new connection
+to the least loaded replica and lets a full one take a couple more connections (``max_ongoing_requests =
+K + 2``) so that when every replica is full the client gets the protocol's ``busy`` frame from a replica,
+not an HTTP 503 from the proxy. Autoscaling follows the live connections per replica (Ray Serve counts a
+WebSocket as an ongoing request). A replica that dies takes only its own streams (their sockets close
+abnormally: the Python client raises); the others keep serving, and Ray starts a replacement.
+
+Needs the ``ray`` extra (``pip install -e '.[ray]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+from ..errors import AvatarForcingError
+
+HUB = "avatarforcing-metrics"
+NAMESPACE = "avatarforcing"
+
+
+def _ray():
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise AvatarForcingError("serve --ray needs Ray Serve: pip install -e '.[ray]'") from None
+    return ray, serve
+
+
+def hub_actor():
+    """The MetricsHub actor, created on first use (named, so every replica finds the same one)."""
+    ray, _ = _ray()
+
+    @ray.remote(num_cpus=0)
+    class MetricsHub:
+        def __init__(self):
+            self.snapshots: dict[str, tuple[float, dict]] = {}
+
+        def report(self, replica: str, snapshot: dict) -> None:
+            self.snapshots[replica] = (time.time(), snapshot)
+
+        def drop(self, replica: str) -> None:
+            self.snapshots.pop(replica, None)
+
+        def all(self, max_age_s: float = 10.0) -> dict[str, dict]:
+            """Snapshots of the replicas that reported recently (a dead replica drops out)."""
+            now = time.time()
+            return {r: snap for r, (t, snap) in self.snapshots.items() if now - t <= max_age_s}
+
+    return MetricsHub.options(name=HUB, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+
+
+class AvatarReplica:
+    """One Ray Serve replica: the model on one device and the server app with ``sessions`` slots."""
+
+    def __init__(self, model: str, device: str, sessions: int, dtype: str | None = None,
+                 prompt: str | None = None, limits: dict | None = None):
+        from ..api import Avatar
+        from .app import Limits, create_app
+
+        ray, _ = _ray()
+        if device == "cuda" and ray.get_gpu_ids():
+            device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to this replica's GPU
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        avatar = Avatar.load(model, device, dtype=dtype)
+        avatar.prompts.set_default(prompt)
+        self.hub = hub_actor()
+        self.server_app = create_app(avatar, Limits(max_sessions=sessions, **(limits or {})), replica=self.name,
+                              metrics_source=self._all_metrics)
+        self._reporter: asyncio.Task | None = None
+
+    def __serve_build_asgi_app__(self):
+        app = self.server_app
+
+        async def asgi(scope, receive, send):  # start reporting from the replica's own event loop
+            if self._reporter is None:
+                self._reporter = asyncio.ensure_future(self._report_forever())
+            await app(scope, receive, send)
+
+        return asgi
+
+    async def _report_forever(self) -> None:
+        while True:
+            try:
+                await self.hub.report.remote(self.name, self.server_app.state.snapshot())
+            except Exception:  # noqa: BLE001 - metrics must never take a replica down
+                pass
+            await asyncio.sleep(1.0)
+
+    async def _all_metrics(self) -> dict[str, dict]:
+        await self.hub.report.remote(self.name, self.server_app.state.snapshot())
+        return await self.hub.all.remote()
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica shutting down is not healthy."""
+
+
+def deployment(model: str = "mini", device: str = "cpu", sessions: int = 2, replicas: int | None = 1,
+               autoscale: tuple[int, int] | None = None, gpus_per_replica: float = 0.0, dtype: str | None = None,
+               prompt: str | None = None, limits: dict | None = None):
+    """The bound Ray Serve application (``serve.run`` it)."""
+    _, serve = _ray()
+    options = {"max_ongoing_requests": sessions + 2, "max_queued_requests": 2,
+               "ray_actor_options": {"num_gpus": gpus_per_replica, "num_cpus": 0},
+               "health_check_period_s": 2, "graceful_shutdown_timeout_s": 5}
+    if autoscale:
+        lo, hi = autoscale
+        options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
+                                         "target_ongoing_requests": max(1.0, 0.7 * sessions),
+                                         "upscale_delay_s": 5, "downscale_delay_s": 60}
+    else:
+        options["num_replicas"] = replicas
+    cls = serve.deployment(serve.ingress()(AvatarReplica), name="avatarforcing", **options)
+    return cls.bind(model, device, sessions, dtype, prompt, limits)
+
+
+def start(model: str = "mini", host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+          sessions: int = 2, replicas: int | None = 1, autoscale: tuple[int, int] | None = None,
+          gpus_per_replica: float = 0.0, address: str | None = None, dtype: str | None = None,
+          prompt: str | None = None, limits: dict | None = None, num_cpus: int | None = None) -> None:
+    """Connect to (``address``) or start a local Ray cluster, deploy, return once every replica is up."""
+    ray, serve = _ray()
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING")
+        else:
+            ray.init(namespace=NAMESPACE, num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    serve.start(http_options={"host": host, "port": port})
+    hub_actor()
+    serve.run(deployment(model, device, sessions, replicas, autoscale, gpus_per_replica, dtype, prompt, limits),
+              name="avatarforcing", route_prefix="/")
+
+
+def stop() -> None:
+    ray, serve = _ray()
+    try:
+        serve.shutdown()
+    finally:
+        try:
+            ray.kill(ray.get_actor(HUB, namespace=NAMESPACE))
+        except Exception:  # noqa: BLE001
+            pass
+        ray.shutdown()
+
+
+def serve_forever(**kw) -> None:
+    """``avatarforcing serve --ray``: deploy, then wait for SIGINT/SIGTERM and take the deployment down."""
+    start(**kw)
+    where = "an existing Ray cluster" if kw.get("address") else "a local Ray cluster"
+    print(f"avatarforcing serve --ray: ready at http://{kw.get('host', '127.0.0.1')}:{kw.get('port', 8000)}/ on "
+          f"{where}", flush=True)
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    try:
+        while not stopping:
+            time.sleep(0.5)
+    finally:
+        stop()
