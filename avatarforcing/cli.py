@@ -186,7 +186,8 @@ def cmd_bench(args) -> int:
     else:
         from .serve.bench import bench_serve
 
-        bench_serve(args.model, [int(x) for x in args.sessions.split(",")], args.seconds, args.json)
+        bench_serve(args.model, [int(x) for x in args.sessions.split(",")], args.seconds, args.json,
+                    ray_replicas=args.replicas if args.ray else None)
     return 0
 
 
@@ -489,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the JSON result here")
     b.add_argument("--sessions", default="1,2,4", help="bench serve: concurrent sessions to try, in turn")
     b.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds of audio per session")
+    b.add_argument("--ray", action="store_true", help="bench serve: also the same sweep against serve --ray")
+    b.add_argument("--replicas", type=int, default=2, help="bench serve --ray: replicas")
     b.add_argument("--audio-model", help="bench audio-rows: a wav2vec2-base-960h folder")
     b.add_argument("--audio", help="bench audio-rows: a speech file")
     b.add_argument("--left", default="25,50,100", help="bench audio-rows: left contexts to try (video frames)")

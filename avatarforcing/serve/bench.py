@@ -54,10 +54,30 @@ def _client(url: str, seconds: float, out: dict) -> None:
                latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p95=float(np.percentile(lat, 95)))
 
 
+def _sweep(port: int, sessions: list[int], seconds: float, label: str) -> list[dict]:
+    results = []
+    for s in sessions:
+        outs = [{} for _ in range(s)]
+        threads = [threading.Thread(target=_client, args=(f"ws://127.0.0.1:{port}/ws", seconds, o)) for o in outs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ok = [o for o in outs if "fps" in o and o["fps"]]
+        results.append({"server": label, "sessions": s, "seconds": seconds, "ok": len(ok),
+                        "fps_per_session": [round(o["fps"], 1) for o in ok],
+                        "latency_ms_p50": float(np.median([o["latency_ms_p50"] for o in ok])) if ok else None,
+                        "latency_ms_p95": float(np.max([o["latency_ms_p95"] for o in ok])) if ok else None,
+                        "errors": [o["error"] for o in outs if "error" in o]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: float = 10.0,
-                json_path: str | None = None) -> list[dict]:
-    """Start ``avatarforcing serve`` in its own process (its own GIL, as in production) and run S real-time
-    clients against it from this one, for each S in ``sessions``."""
+                json_path: str | None = None, ray_replicas: int | None = None) -> list[dict]:
+    """S real-time clients against ``avatarforcing serve`` started in its own process (its own GIL, as in
+    production), for each S in ``sessions``; with ``ray_replicas``, the same sweep against ``serve --ray``
+    with that many replicas (sessions per replica: enough for the largest S), in the same run."""
     import os
     import subprocess
     import sys
@@ -67,7 +87,6 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
     proc = subprocess.Popen([sys.executable, "-m", "avatarforcing.cli", "serve", "--model", model, "--port",
                              str(port), "--max-sessions", str(max(sessions))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    results = []
     try:
         deadline = time.time() + 120
         while True:
@@ -78,23 +97,19 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"avatarforcing serve did not start (exit code {proc.poll()})") from None
                 time.sleep(0.2)
-        for s in sessions:
-            outs = [{} for _ in range(s)]
-            threads = [threading.Thread(target=_client, args=(f"ws://127.0.0.1:{port}/ws", seconds, o)) for o in outs]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            ok = [o for o in outs if "fps" in o and o["fps"]]
-            results.append({"sessions": s, "seconds": seconds, "ok": len(ok),
-                            "fps_per_session": [round(o["fps"], 1) for o in ok],
-                            "latency_ms_p50": float(np.median([o["latency_ms_p50"] for o in ok])) if ok else None,
-                            "latency_ms_p95": float(np.max([o["latency_ms_p95"] for o in ok])) if ok else None,
-                            "errors": [o["error"] for o in outs if "error" in o]})
-            print(json.dumps(results[-1]), flush=True)
+        results = _sweep(port, sessions, seconds, "single process")
     finally:
         proc.terminate()
         proc.wait(30)
+    if ray_replicas:
+        from . import ray as afray
+
+        port = _free_port()
+        afray.start(model=model, port=port, sessions=-(-max(sessions) // ray_replicas), replicas=ray_replicas)
+        try:
+            results += _sweep(port, sessions, seconds, f"ray, {ray_replicas} replicas")
+        finally:
+            afray.stop()
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)

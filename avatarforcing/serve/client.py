@@ -76,9 +76,14 @@ class AvatarClient:
         """
         from websockets.sync.client import connect
 
+        from websockets.exceptions import ConnectionClosed
+
         self.done = None
         with connect(self.url, max_size=None) as ws:
-            ws.send(start_message(image, identity, seed, prompt, record))
+            try:
+                ws.send(start_message(image, identity, seed, prompt, record))
+            except ConnectionClosed:
+                pass  # refused at once (busy): the error frame that came before the close is read next
             self.ready = self._message(ws)
             if self.ready.get("type") != "ready":
                 raise StreamError(self.ready.get("code", "protocol"), self.ready.get("message", str(self.ready)))
