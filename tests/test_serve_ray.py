@@ -76,9 +76,8 @@ def _metric(port, name):
 
 
 def test_spread_admission_metrics_and_a_dying_replica(cluster):
-    from websockets.exceptions import ConnectionClosed
-
     import ray
+    from websockets.exceptions import ConnectionClosed
 
     port = cluster
     opened = [_open(port) for _ in range(2 * K)]

@@ -74,9 +74,8 @@ class AvatarClient:
         Audio is sent from a thread while frames are read here, so neither direction waits for the other
         (a fast sender that the server slows down keeps reading its frames and answering pings).
         """
-        from websockets.sync.client import connect
-
         from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
 
         self.done = None
         with connect(self.url, max_size=None) as ws:
