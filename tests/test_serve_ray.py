@@ -103,8 +103,8 @@ def test_spread_admission_metrics_and_a_dying_replica(cluster):
         frames, msg = _finish(ws)
         assert msg == {"type": "done", "frames": 13} and frames == 13
         ws.close()
-    ws, ready = _open(port)  # and new sessions are served (by the survivor, or by Ray's replacement)
-    assert ready["type"] == "ready"
+    ws, ready = _open(port)  # and new sessions are served: by the survivor (or Ray's replacement), never the dead
+    assert ready["type"] == "ready" and ready["replica"] != dead
     assert _finish(ws)[1]["type"] == "done"
     ws.close()
 

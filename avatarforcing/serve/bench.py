@@ -40,8 +40,8 @@ def _client(url: str, seconds: float, out: dict) -> None:
     try:
         for f in cl.stream(chunks(), identity="demo"):
             arrivals.append((f.index, time.perf_counter()))
-    except RuntimeError as e:
-        out["error"] = str(e)
+    except Exception as e:  # noqa: BLE001 - refused (busy, HTTP 5xx) or cut: reported, not raised in a thread
+        out["error"] = f"{type(e).__name__}: {e}"
         return
     look = (cl.ready or {}).get("lookahead_ms", 0) / 1000
     lat = []
@@ -54,9 +54,25 @@ def _client(url: str, seconds: float, out: dict) -> None:
                latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p95=float(np.percentile(lat, 95)))
 
 
+def _idle(port: int, timeout: float = 20.0) -> None:
+    """Wait until the previous sweep's sessions have closed on the server side."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
+            if health["sessions"] == 0:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
 def _sweep(port: int, sessions: list[int], seconds: float, label: str) -> list[dict]:
     results = []
     for s in sessions:
+        _idle(port)
         outs = [{} for _ in range(s)]
         threads = [threading.Thread(target=_client, args=(f"ws://127.0.0.1:{port}/ws", seconds, o)) for o in outs]
         for t in threads:
