@@ -278,6 +278,11 @@ class Recordings:
         item = self.ready.get(token)
         return item[0] if item else None
 
+    async def fetch(self, token: str) -> bytes | None:
+        """The MP4's bytes (a replicated deployment also looks in its shared store)."""
+        path = self.get(token)
+        return path.read_bytes() if path is not None and path.is_file() else None
+
     def close(self) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -303,15 +308,16 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None = None,
-               metrics_source=None) -> FastAPI:
+               metrics_source=None, recordings: Recordings | None = None) -> FastAPI:
     """The server's app. ``replica``: a name sent in 'ready' (a replicated deployment); ``metrics_source``: an
-    async callable returning {replica: Metrics snapshot} for /metrics (default: this process's own)."""
+    async callable returning {replica: Metrics snapshot} for /metrics (default: this process's own);
+    ``recordings``: where recorded sessions are kept (default: this process's temporary folder)."""
     limits = limits or Limits()
     metrics = Metrics()
     state = {"shutting_down": False, "pending": 0, "active": 0, "queued": 0}  # queued: samples, all streams
     pending_by_client: dict[str, int] = {}
     live: set[Live] = set()
-    recordings = Recordings(limits)
+    recordings = recordings or Recordings(limits)
     speech_lock = asyncio.Lock()
 
     async def notify_shutdown() -> None:
@@ -416,10 +422,11 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
 
     @app.api_route("/recordings/{token}.mp4", methods=["GET", "HEAD"])
     async def recording(token: str):
-        path = recordings.get(token)
-        if path is None or not path.is_file():
+        data = await recordings.fetch(token)
+        if data is None:
             return JSONResponse({"error": "not_found", "message": "no such recording (they expire)"}, 404)
-        return FileResponse(path, media_type="video/mp4", filename="avatarforcing.mp4")
+        return Response(data, media_type="video/mp4",
+                        headers={"content-disposition": 'attachment; filename="avatarforcing.mp4"'})
 
     @app.api_route("/", methods=["GET", "HEAD"])
     async def index():

@@ -3,7 +3,7 @@
     clients --ws/http--> Ray Serve proxy --(one replica per connection, for its whole life)--> replica i
     replica i = AvatarReplica: one device, ``Avatar.load`` once, ``create_app`` with K session slots
     MetricsHub (one Ray actor): each replica reports a snapshot every second; /metrics on any replica
-    renders the sum and a per-replica series
+    renders the sum and a per-replica series; recordings are copied there, so any replica serves a download
 
 Admission: a replica accepts at most K sessions (``Limits.max_sessions``); the router sends a new connection
 to the least loaded replica and lets a full one take a couple more connections (``max_ongoing_requests =
@@ -45,8 +45,22 @@ def hub_actor():
 
     @ray.remote(num_cpus=0)
     class MetricsHub:
+        """Metrics snapshots of every replica, and the recent recordings (any replica serves any download)."""
+
         def __init__(self):
             self.snapshots: dict[str, tuple[float, dict]] = {}
+            self.recordings: dict[str, tuple[float, bytes]] = {}
+
+        def put_recording(self, token: str, data: bytes, keep: int, ttl_s: float) -> None:
+            now = time.time()
+            self.recordings[token] = (now, data)
+            for t, (at, _) in sorted(self.recordings.items(), key=lambda kv: kv[1][0]):
+                if now - at > ttl_s or len(self.recordings) > keep:
+                    del self.recordings[t]
+
+        def get_recording(self, token: str) -> bytes | None:
+            item = self.recordings.get(token)
+            return item[1] if item else None
 
         def report(self, replica: str, snapshot: dict) -> None:
             self.snapshots[replica] = (time.time(), snapshot)
@@ -60,6 +74,21 @@ def hub_actor():
             return {r: snap for r, (t, snap) in self.snapshots.items() if now - t <= max_age_s}
 
     return MetricsHub.options(name=HUB, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+
+
+def shared_recordings(limits, hub):
+    """Recordings kept locally and copied to the hub, so the download works whichever replica serves it."""
+    from .app import Recordings
+
+    class SharedRecordings(Recordings):
+        def add(self, token, path) -> None:
+            super().add(token, path)
+            hub.put_recording.remote(token, path.read_bytes(), limits.recordings, limits.recording_ttl_s)
+
+        async def fetch(self, token):
+            return await super().fetch(token) or await hub.get_recording.remote(token)
+
+    return SharedRecordings(limits)
 
 
 class AvatarReplica:
@@ -77,8 +106,9 @@ class AvatarReplica:
         avatar = Avatar.load(model, device, dtype=dtype)
         avatar.prompts.set_default(prompt)
         self.hub = hub_actor()
-        self.server_app = create_app(avatar, Limits(max_sessions=sessions, **(limits or {})), replica=self.name,
-                              metrics_source=self._all_metrics)
+        lim = Limits(max_sessions=sessions, **(limits or {}))
+        self.server_app = create_app(avatar, lim, replica=self.name, metrics_source=self._all_metrics,
+                                     recordings=shared_recordings(lim, self.hub))
         self._reporter: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
