@@ -50,7 +50,7 @@ log = logging.getLogger("avatarforcing.serve")
 class Limits:
     max_sessions: int = 4
     max_pending: int = 16  # connections that have not sent a valid 'start' yet (they hold no session slot)
-    max_pending_per_client: int = 4  # of those, from one client address
+    max_pending_per_client: int = 8  # of those, from one client address
     start_timeout_s: float = 10.0  # a connection must send 'start' within this
     max_message_bytes: int = 1 << 20  # per WebSocket message (an image or an audio chunk)
     max_session_seconds: float = 3600.0  # wall-clock length of a session, and of audio per session
@@ -440,9 +440,10 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
             return
         await ws.accept()
         who = ws.client.host if ws.client else "?"
-        crowded = state["pending"] >= limits.max_pending or \
-            pending_by_client.get(who, 0) >= limits.max_pending_per_client
-        if state["shutting_down"] or state["active"] >= limits.max_sessions or crowded:
+        if pending_by_client.get(who, 0) >= limits.max_pending_per_client or state["pending"] >= limits.max_pending:
+            await _refuse(ws, "too many connections are waiting to start a stream; retry in a moment")
+            return
+        if state["shutting_down"] or state["active"] >= limits.max_sessions:
             await _refuse(ws)
             return
         state["pending"] += 1
@@ -493,10 +494,10 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
             log.error("internal error in a stream (ref %s)", ref, exc_info=e)
             await _close_live(item, "internal", f"internal server error (ref {ref}, logged)", 1011)
 
-    async def _refuse(ws: WebSocket) -> None:
+    async def _refuse(ws: WebSocket, why: str | None = None) -> None:
         metrics.add("sessions_rejected_total")
-        why = "server is shutting down" if state["shutting_down"] else \
-            f"all {limits.max_sessions} sessions are in use; retry later"
+        why = why or ("server is shutting down" if state["shutting_down"] else
+                      f"all {limits.max_sessions} sessions are in use; retry later")
         await _close_with_error(ws, "busy", why, 1013)
 
     async def _close_with_error(ws: WebSocket, code: str, message: str, close_code: int | None = None) -> None:
