@@ -133,9 +133,6 @@ class AvatarReplica:
         await self.hub.report.remote(self.name, self.server_app.state.snapshot())
         return await self.hub.all.remote()
 
-    def check_health(self) -> None:
-        """Ray Serve's health check: a replica shutting down is not healthy."""
-
 
 def deployment(model: str = "mini", device: str = "cpu", sessions: int = 2, replicas: int | None = 1,
                autoscale: tuple[int, int] | None = None, gpus_per_replica: float = 0.0, dtype: str | None = None,
