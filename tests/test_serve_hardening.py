@@ -428,3 +428,38 @@ def test_recording_download(avatar):
         frames, fps, audio = read_video(path)
         assert frames.shape[0] == done["frames"] == 25 and audio is not None
         assert c.get("/recordings/nope.mp4").status_code == 404
+
+
+def test_page_endpoints_bounded(avatar):
+    """/prepare and /speak refuse oversized or bad input with JSON errors, and queue only a few jobs."""
+    import asyncio
+
+    from avatarforcing.serve.app import ClientError, Gate
+
+    with client(avatar, max_message_bytes=10_000) as c:
+        r = c.post("/prepare", content=b"x" * 20_000)
+        assert r.status_code == 413 and r.json()["error"] == "too_large"
+        r = c.post("/prepare", content=tiny_png(20000, 20000))
+        assert r.status_code == 400 and "over the limit" in r.json()["message"]
+        r = c.post("/speak", json={"text": "x" * 501})
+        assert r.status_code == 400 and r.json()["error"] == "bad_text"
+        assert c.post("/speak", content=b"[[[[").status_code == 400
+        ok = c.post("/speak", json={"text": "Hello."})
+        assert ok.status_code == 200 and ok.content[:4] == b"RIFF"
+
+    async def flood():
+        gate, held = Gate(1, 2, "work"), asyncio.Event()
+
+        async def job():
+            async with gate():
+                await held.wait()
+
+        tasks = [asyncio.ensure_future(job()) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ClientError, match="work is busy"):
+            async with gate():
+                pass
+        held.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(flood())

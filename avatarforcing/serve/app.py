@@ -288,6 +288,25 @@ class Recordings:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Gate:
+    """At most ``active`` jobs at once and ``waiting`` in line; the next is refused (503), so a flood of
+    requests cannot queue unbounded CPU work behind the streams."""
+
+    def __init__(self, active: int, waiting: int, what: str):
+        self.sem, self.waiting, self.what, self.queued = asyncio.Semaphore(active), waiting, what, 0
+
+    @asynccontextmanager
+    async def __call__(self):
+        if self.queued >= self.waiting:
+            raise ClientError("unavailable", f"{self.what} is busy; retry in a moment")
+        self.queued += 1
+        try:
+            async with self.sem:
+                yield
+        finally:
+            self.queued -= 1
+
+
 def origin_allowed(ws: WebSocket, limits: Limits) -> bool:
     """No Origin (not a browser), the page's own host, or an origin on the allow-list."""
     origin = ws.headers.get("origin")
@@ -318,7 +337,8 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
     pending_by_client: dict[str, int] = {}
     live: set[Live] = set()
     recordings = recordings or Recordings(limits)
-    speech_lock = asyncio.Lock()
+    speech_gate = Gate(1, 4, "speech synthesis")  # one libespeak-ng per process
+    prepare_gate = Gate(2, 8, "portrait preparation")
 
     async def notify_shutdown() -> None:
         """Tell every open stream ('shutdown' frame) and close it; bounded, so a stuck client cannot delay it."""
@@ -391,10 +411,11 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
         """An uploaded portrait -> PNG of the reference the model will use (after its crop and resize)."""
         data = await read_body(request, limits.max_message_bytes)
         loop = asyncio.get_running_loop()
-        try:
-            ref = await loop.run_in_executor(None, lambda: avatar.prepare_reference(_checked_image(data, limits)))
-        except AvatarForcingError as e:
-            raise ClientError("bad_image", str(e)) from None
+        async with prepare_gate():
+            try:
+                ref = await loop.run_in_executor(None, lambda: avatar.prepare_reference(_checked_image(data, limits)))
+            except AvatarForcingError as e:
+                raise ClientError("bad_image", str(e)) from None
         from ..data.image import to_uint8
 
         return Response(_png(to_uint8(ref[0].float().cpu().numpy())), media_type="image/png")
@@ -409,7 +430,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
         if len(text) > limits.max_text_chars:
             raise ClientError("bad_text", f"text of {len(text)} characters; at most {limits.max_text_chars}")
         loop = asyncio.get_running_loop()
-        async with speech_lock:  # the library is one per process
+        async with speech_gate():
             try:
                 wav = await loop.run_in_executor(None, lambda: _speak(text, avatar.cfg.codec.sample_rate))
             except AvatarForcingError as e:
