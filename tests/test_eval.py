@@ -103,3 +103,16 @@ def test_frechet_distance_matches_closed_form_and_orders_distributions(nets, cli
     assert same < frechet_distance(feats.frames(first), feats.frames(noisy))
     assert same < frechet_distance(feats.frames(first), feats.frames(other))
     assert feats.clips(frames).shape[1] == 128
+
+
+def test_loudness_sync_follows_own_audio_above_the_shift_floor(nets, clip):
+    """Without ground truth: the render's mouth follows its own speech's loudness above the time-shifted
+    floor, and another clip's speech does not."""
+    from avatarforcing.eval.metrics import loudness_sync, mouth_readings
+
+    _, frames, audio, _ = clip
+    opening = mouth_readings(nets, frames)[0][:, 0]
+    own = loudness_sync(opening, audio)
+    assert own["loudness_r"] > 0.4 and own["loudness_r"] > own["loudness_r_floor95"] and abs(own["loudness_lag"]) <= 1
+    other = loudness_sync(opening, make_clip("heldout", 4, 1234, 10.0)[2])
+    assert other["loudness_r"] < other["loudness_r_floor95"]

@@ -1,6 +1,7 @@
-"""Video metrics: lip sync against ground truth, SyncNet-style Sync-C / Sync-D, identity drift, colour
-drift, temporal flicker. Inputs: uint8 frames [T, H, W, 3] at 25 fps and float32 16 kHz audio. The networks
-run where ``nets`` lives (``load_eval_nets().to("cuda")`` for a benchmark of hundreds of clips)."""
+"""Video metrics: lip sync against ground truth, mouth opening against loudness (any clip), SyncNet-style
+Sync-C / Sync-D, identity drift, colour drift, temporal flicker. Inputs: uint8 frames [T, H, W, 3] at 25 fps
+and float32 16 kHz audio. The networks run where ``nets`` lives (``load_eval_nets().to("cuda")`` for a
+benchmark of hundreds of clips)."""
 
 from __future__ import annotations
 
@@ -76,9 +77,41 @@ def mouth_readings(nets, frames: np.ndarray, batch: int = 256) -> tuple[np.ndarr
     return np.concatenate(regs), np.concatenate(vis)
 
 
-def lip_sync(nets, frames: np.ndarray, gt: dict) -> dict:
+def loudness_sync(opening: np.ndarray, audio: np.ndarray, rate: int = 16000, max_lag: int = 3,
+                  shifts: int = 200, seed: int = 0) -> dict:
+    """Mouth opening read from the pixels against speech loudness, for any clip with audio (no ground truth).
+
+    Loudness: RMS level of each video frame's audio, in dB. ``loudness_r``: the Pearson r at the best lag
+    within +-``max_lag`` frames (``loudness_lag``: positive = the mouth follows the sound). The floor is the
+    same statistic with the audio circularly shifted by at least one second (``shifts`` random shifts):
+    ``loudness_r_floor95`` is its 95th percentile, so a clip whose r exceeds it follows its own audio
+    better than 95% of time-shifted versions of it.
+    """
+    spf = rate // FPS
+    n = min(len(opening), len(audio) // spf)
+    if n < 4 * FPS:
+        return {}
+    frames = np.asarray(audio[: n * spf], np.float64).reshape(n, spf)
+    loud = 20 * np.log10(np.sqrt((frames ** 2).mean(1)) + 1e-4)
+    mouth = np.asarray(opening[:n], np.float64)
+
+    def best(level: np.ndarray) -> tuple[float, int]:
+        rs = []
+        for lag in range(-max_lag, max_lag + 1):  # mouth[t] against level[t - lag]
+            a, b = (mouth[lag:], level[: n - lag]) if lag >= 0 else (mouth[:lag], level[-lag:])
+            rs.append((float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0, lag))
+        return max(rs)
+
+    r, lag = best(loud)
+    rng = np.random.default_rng(seed)
+    floor = [best(np.roll(loud, int(k)))[0] for k in rng.integers(FPS, n - FPS, size=shifts)]
+    return {"loudness_r": r, "loudness_lag": lag, "loudness_r_floor95": float(np.percentile(floor, 95)),
+            "loudness_r_floor_mean": float(np.mean(floor))}
+
+
+def lip_sync(nets, frames: np.ndarray, gt: dict, readings: tuple | None = None) -> dict:
     """Pearson r between the mouth opening read from pixels and the ground truth; viseme accuracy."""
-    reg, vis = mouth_readings(nets, frames)
+    reg, vis = readings or mouth_readings(nets, frames)
     n = min(len(reg), len(gt["opening"]))
     r = float(np.corrcoef(reg[:n, 0], np.asarray(gt["opening"][:n]))[0, 1])
     acc = float((vis[:n] == np.asarray(gt["viseme"][:n])).mean())
@@ -119,8 +152,10 @@ def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.nd
         from .syncnet_v2 import lse_scores
 
         res.update(lse_scores(syncnet_v2, frames, audio))
+    readings = mouth_readings(nets, x)
+    res.update(loudness_sync(readings[0][:, 0], audio))
     if gt is not None:
-        res.update(lip_sync(nets, x, gt))
+        res.update(lip_sync(nets, x, gt, readings))
     colour = colour_drift(frames)
     curves = {"colour_drift_face": colour["face"], "colour_drift_background": colour["background"],
               "flicker": flicker(x)}
