@@ -64,6 +64,8 @@ def test_longform_batched_equals_one_clip_at_a_time(tmp_path):
     assert all(len(d) == 3 for d in saved["clips_detail"].values())
     assert (tmp_path / "report" / "report.md").exists()
     assert one["summary"]["avatarforcing"]["fps"] > 0
+    lo, hi = one["summary"]["avatarforcing"]["ci95"]["lipsync_r"]
+    assert lo <= one["summary"]["avatarforcing"]["lipsync_r"] <= hi
     # two clips per engine run, clips synthesised by two worker processes: the same videos, the same scores
     two = run_longform("mini", 3, 50, modes, None, None, progress=False, batch=2, workers=2)
     for m in modes:
@@ -116,3 +118,14 @@ def test_loudness_sync_follows_own_audio_above_the_shift_floor(nets, clip):
     assert own["loudness_r"] > 0.4 and own["loudness_r"] > own["loudness_r_floor95"] and abs(own["loudness_lag"]) <= 1
     other = loudness_sync(opening, make_clip("heldout", 4, 1234, 10.0)[2])
     assert other["loudness_r"] < other["loudness_r_floor95"]
+
+
+def test_clip_summary_bootstrap_interval():
+    from avatarforcing.eval.longform import clip_summary
+
+    rng = np.random.default_rng(0)
+    details = [{"lipsync_r": float(x), "sync_c": 0.1} for x in rng.normal(0.5, 0.2, size=400)]
+    s = clip_summary(details)
+    lo, hi = s["ci95"]["lipsync_r"]
+    assert lo < s["lipsync_r"] < hi and abs((hi - lo) - 2 * 1.96 * 0.2 / 20) < 0.01  # ~ the normal interval
+    assert s["ci95"]["sync_c"] == pytest.approx([0.1, 0.1]) and "fid" not in s["ci95"]

@@ -37,9 +37,27 @@ ABLATIONS = {
 VARIANTS = {"release-positions": {"stream.positions": "release"}}
 # "real": the held-out render itself, scored the same way (the ceiling of every metric)
 ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, *VARIANTS, "real"]
-SCALARS = ["lipsync_r", "viseme_acc", "sync_c", "sync_d", "lse_c", "lse_d", "identity_drift_end",
+SCALARS = ["lipsync_r", "viseme_acc", "sync_c", "sync_d", "lse_c", "lse_d", "loudness_r", "identity_drift_end",
            "identity_drift_first_minute", "colour_drift_face_end", "colour_drift_background_end", "flicker_end",
            "fid", "fvd", "fps"]
+PER_CLIP = [k for k in SCALARS if k not in ("fid", "fvd", "fps")]  # means over clips, with bootstrap intervals
+
+
+def clip_summary(details: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean over clips of every per-clip score, and its 95% bootstrap interval (``ci95``: {score: [lo, hi]},
+    percentile bootstrap over clips, fixed seed)."""
+    out: dict = {}
+    ci: dict = {}
+    rng = np.random.default_rng(seed)
+    for k in PER_CLIP:
+        v = np.array([d[k] for d in details if k in d and d[k] == d[k]], dtype=float)
+        if not len(v):
+            continue
+        out[k] = float(v.mean())
+        means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(1)
+        ci[k] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    out["ci95"] = ci
+    return out
 
 
 def _clip(args: tuple[int, int, float, int]) -> dict:
@@ -170,8 +188,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
 
 def _result(model, clips, first, done, frames, seed, modes, batch, device, extractor_name, acc, wall_s) -> dict:
     per_mode = acc["per_mode"]
-    summary = {m: {k: float(np.mean([r[k] for r in rs if k in r])) for k in SCALARS if any(k in r for r in rs)}
-               for m, rs in per_mode.items()}
+    summary = {m: clip_summary(rs) for m, rs in per_mode.items()}
     real_f, real_c = np.concatenate(acc["real_f"]), np.concatenate(acc["real_c"])
     for m in modes:  # distribution distances against the real held-out renders of the same clips
         summary[m]["fid"] = frechet_distance(np.concatenate(acc["gen_f"][m]), real_f)
@@ -211,8 +228,7 @@ def merge_longform(parts: list[dict]) -> dict:
         pos += r["clips"]
     modes, n = parts[0]["modes"], [r["clips"] for r in parts]
     detail = {m: [d for r in parts for d in r["clips_detail"][m]] for m in modes}
-    summary = {m: {k: float(np.mean([d[k] for d in detail[m] if k in d])) for k in SCALARS
-                   if any(k in d for d in detail[m])} for m in modes}
+    summary = {m: clip_summary(detail[m]) for m in modes}
     for m in modes:
         for k in ("fid", "fvd"):
             summary[m][f"{k}_parts"] = [r["summary"][m][k] for r in parts]
@@ -230,10 +246,16 @@ def merge_longform(parts: list[dict]) -> dict:
 
 
 def markdown_table(result: dict) -> str:
+    """Means over clips with their 95% bootstrap interval where there is one ([lo, hi] under the mean)."""
     cols = [c for c in SCALARS if any(c in s for s in result["summary"].values())]
     lines = ["| mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m, s in result["summary"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{s.get(c, float('nan')):.3f}" for c in cols) + " |")
+        cells = []
+        for c in cols:
+            lo_hi = s.get("ci95", {}).get(c)
+            cell = f"{s.get(c, float('nan')):.3f}"
+            cells.append(cell + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi and result["clips"] > 1 else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
