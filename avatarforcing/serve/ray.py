@@ -6,9 +6,9 @@
     renders the sum and a per-replica series; recordings are copied there, so any replica serves a download
 
 Admission: a replica accepts at most K sessions (``Limits.max_sessions``); the router sends a new connection
-to the least loaded replica and lets a full one take a couple more connections (``max_ongoing_requests =
-K + 2``) so that when every replica is full the client gets the protocol's ``busy`` frame from a replica,
-not an HTTP error from the proxy. A burst of connections waits briefly in the proxy's queue (at most 64)
+to the least loaded replica and lets a full one take one more connection (``max_ongoing_requests = K + 1``;
+a replica rejects beyond that and the router tries another) so that when every replica is full the client
+gets the protocol's ``busy`` frame from a replica, not an HTTP error from the proxy. A burst of connections waits briefly in the proxy's queue (at most 64)
 while the router learns the replicas' load. Autoscaling follows the live connections per replica (Ray Serve counts a
 WebSocket as an ongoing request). A replica that dies takes only its own streams (their sockets close
 abnormally: the Python client raises); the others keep serving, and Ray starts a replacement.
@@ -139,7 +139,7 @@ def deployment(model: str = "mini", device: str = "cpu", sessions: int = 2, repl
                prompt: str | None = None, limits: dict | None = None):
     """The bound Ray Serve application (``serve.run`` it)."""
     _, serve = _ray()
-    options = {"max_ongoing_requests": sessions + 2, "max_queued_requests": 64,
+    options = {"max_ongoing_requests": sessions + 1, "max_queued_requests": 64,
                "ray_actor_options": {"num_gpus": gpus_per_replica, "num_cpus": 0},
                "health_check_period_s": 2, "graceful_shutdown_timeout_s": 5}
     if autoscale:
