@@ -137,7 +137,10 @@ def load_tokenizer(path: str | Path):
 
 def clean_prompt(text: str) -> str:
     """The release's 'whitespace' cleaning: ftfy, HTML entities unescaped twice, whitespace collapsed."""
-    import ftfy
+    try:
+        import ftfy
+    except ImportError:
+        raise InputError("prompts need the wan extra: pip install -e '.[wan]' (ftfy, transformers)") from None
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
