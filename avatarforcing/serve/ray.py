@@ -10,8 +10,9 @@ to the least loaded replica and lets a full one take one more connection (``max_
 a replica rejects beyond that and the router tries another) so that when every replica is full the client
 gets the protocol's ``busy`` frame from a replica, not an HTTP error from the proxy. A burst of connections
 waits briefly in the proxy's queue (at most 64) while the router learns the replicas' load. Autoscaling
-follows the live connections per replica (Ray Serve counts a WebSocket as an ongoing request). A replica that dies takes only its own streams (their sockets close
-abnormally: the Python client raises); the others keep serving, and Ray starts a replacement.
+follows the live connections per replica (Ray Serve counts a WebSocket as an ongoing request). A replica
+that dies takes only its own streams (their sockets close abnormally: the Python client raises); the others
+keep serving, and Ray starts a replacement.
 
 Needs the ``ray`` extra (``pip install -e '.[ray]'``).
 """
