@@ -349,7 +349,8 @@ def cmd_eval(args) -> int:
         from .eval.syncnet_v2 import load_syncnet_v2
 
         lse_net = load_syncnet_v2(args.syncnet_v2, args.device)
-    res = evaluate_video(load_eval_nets(nets_dir).to(args.device), frames, audio, ref, syncnet_v2=lse_net)
+    res = evaluate_video(load_eval_nets(nets_dir).to(args.device), frames, audio, ref, syncnet_v2=lse_net,
+                         floors=True)
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:

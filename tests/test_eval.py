@@ -129,3 +129,11 @@ def test_clip_summary_bootstrap_interval():
     lo, hi = s["ci95"]["lipsync_r"]
     assert lo < s["lipsync_r"] < hi and abs((hi - lo) - 2 * 1.96 * 0.2 / 20) < 0.01  # ~ the normal interval
     assert s["ci95"]["sync_c"] == pytest.approx([0.1, 0.1]) and "fid" not in s["ci95"]
+
+
+def test_sync_c_of_the_own_audio_is_above_its_shifted_floor(nets, clip):
+    from avatarforcing.eval.metrics import sync_floor
+
+    _, frames, audio, _ = clip
+    floor = sync_floor(nets, frames, audio, shifts=5)
+    assert sync(nets, frames, audio)["sync_c"] > floor["sync_c_floor95"] > 0

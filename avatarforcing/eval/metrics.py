@@ -141,13 +141,28 @@ def sync(nets, frames: np.ndarray, audio: np.ndarray) -> dict:
     return sync_scores(nets["sync"], crops, rows[:n].to(crops.device))
 
 
+def sync_floor(nets, frames: np.ndarray, audio: np.ndarray, shifts: int = 10, seed: int = 0) -> dict:
+    """Sync-C with the audio circularly shifted by at least one second: what a video scores against speech
+    that is not its own (``sync_c_floor95``: the 95th percentile over ``shifts`` shifts)."""
+    spf = len(audio) // max(len(frames), 1)
+    n = min(len(frames), len(audio) // max(spf, 1))
+    if n < 4 * FPS:
+        return {}
+    rng = np.random.default_rng(seed)
+    vals = [sync(nets, frames, np.roll(audio, int(k) * spf))["sync_c"] for k in rng.integers(FPS, n - FPS, shifts)]
+    return {"sync_c_floor95": float(np.percentile(vals, 95)), "sync_c_floor_mean": float(np.mean(vals))}
+
+
 def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.ndarray | None = None,
-                   gt: dict | None = None, syncnet_v2=None) -> dict:
+                   gt: dict | None = None, syncnet_v2=None, floors: bool = False) -> dict:
     """All metrics of one video. Scalars plus per-second curves (``curves``). With ``syncnet_v2`` (the public
-    SyncNet, ``eval.syncnet_v2.load_syncnet_v2``) also LSE-C / LSE-D."""
+    SyncNet, ``eval.syncnet_v2.load_syncnet_v2``) also LSE-C / LSE-D; with ``floors`` also Sync-C's
+    time-shifted floor (10 more Sync-C runs: for one video, not for a benchmark of hundreds)."""
     res: dict = {"frames": int(len(frames))}
     x = _tensor(frames, _device(nets))  # once, for every metric that runs a network
     res.update(sync(nets, x, audio))
+    if floors:
+        res.update(sync_floor(nets, x, audio))
     if syncnet_v2 is not None:
         from .syncnet_v2 import lse_scores
 
