@@ -156,6 +156,13 @@ class Avatar:
         return Session(self, self.prepare_reference(image), seed, mode, options or Options(),
                        self.context(prompt, prompt_embeds))
 
+    def lookahead_ms(self, window_blocks: int | None = None) -> float:
+        """Algorithmic latency of a window of ``window_blocks`` blocks (default: the config's): the audio a frame
+        waits for, the window's future blocks plus the front end's own look-ahead."""
+        c = self.cfg
+        frames = (window_blocks or c.stream.window_blocks) * c.stream.block_frames * c.codec.temporal_stride
+        return 1000.0 * (frames * c.codec.samples_per_frame + self.front_end.lookahead_samples) / c.codec.sample_rate
+
     @property
     def clip_rows(self) -> bool:
         """Whether a file's audio rows are computed once over the whole clip (``codec.audio_rows: clip``)."""
@@ -297,8 +304,7 @@ class Session:
     def lookahead_ms(self) -> float:
         """Algorithmic latency: audio a frame waits for (the window's future blocks + the front end's)."""
         window = self.sampler.L if isinstance(self.sampler, WindowSampler) else self.sampler.chunk_blocks
-        frames = window * self.frames_per_block
-        return 1000.0 * (frames * self.spf + self.fe.lookahead_samples) / self.cfg.codec.sample_rate
+        return self.avatar.lookahead_ms(window)
 
     def latency_budget(self) -> dict:
         steps = self.stats.dit_ms[-100:]

@@ -180,7 +180,10 @@ def load_into(model: nn.Module, sd: StateDict, source: str, strict: bool = True,
 def avatarforcing_state_dict(path: str | Path, use_ema: bool = False, alpha: float | None = None,
                              rank: int | None = None) -> StateDict:
     """The official release's ``model.pt`` / ``ode_audio_init.pt`` as our plain state dict."""
-    raw = read_state_dict(path)
+    return _generator(read_state_dict(path), path, use_ema, alpha, rank)
+
+
+def _generator(raw: dict, path, use_ema: bool, alpha: float | None, rank: int | None) -> StateDict:
     key = "generator_ema" if use_ema else "generator"
     if key not in raw:
         if use_ema and "generator" in raw:
@@ -211,17 +214,24 @@ def omniavatar_state_dict(base: str | Path, lora: str | Path, alpha: float | Non
     return merge_lora(sd, alpha, rank)
 
 
-def detect_and_read(path: str | Path, use_ema: bool = False, alpha: float | None = None,
-                    rank: int | None = None) -> StateDict:
-    """Any supported single checkpoint -> our state dict (AvatarForcing .pt, Wan, our safetensors)."""
+def read_checkpoint(path: str | Path, use_ema: bool = False, alpha: float | None = None,
+                    rank: int | None = None) -> tuple[StateDict, bool]:
+    """Any supported single checkpoint -> (our state dict, whether it is an official AvatarForcing one).
+    The file is read once."""
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
         raw = read_state_dict(path)
         if "generator" in raw or "generator_ema" in raw:
-            return avatarforcing_state_dict(path, use_ema, alpha, rank)
+            return _generator(raw, path, use_ema, alpha, rank), True
         sd = strip_prefixes(raw)
-        return merge_lora(diffusers_to_wan(sd) if is_diffusers_layout(sd) else sd, alpha, rank)
-    return merge_lora(wan_state_dict(path), alpha, rank)
+        return merge_lora(diffusers_to_wan(sd) if is_diffusers_layout(sd) else sd, alpha, rank), False
+    return merge_lora(wan_state_dict(path), alpha, rank), False
+
+
+def detect_and_read(path: str | Path, use_ema: bool = False, alpha: float | None = None,
+                    rank: int | None = None) -> StateDict:
+    """Any supported single checkpoint -> our state dict (AvatarForcing .pt, Wan, our safetensors)."""
+    return read_checkpoint(path, use_ema, alpha, rank)[0]
 
 
 # ---------------------------------------------------------------- our format

@@ -24,10 +24,9 @@ import yaml
 from .checkpoints import (
     atomic_write,
     avatarforcing_state_dict,
-    detect_and_read,
     load_into,
     omniavatar_state_dict,
-    read_state_dict,
+    read_checkpoint,
     save_model,
 )
 from .config import Config, preset, release
@@ -73,16 +72,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def is_official(src: str | Path, fmt: str) -> bool:
-    if fmt == "avatarforcing":
-        return True
-    p = Path(src)
-    if fmt != "auto" or not p.is_file() or p.suffix not in (".pt", ".pth", ".bin"):
-        return False
-    raw = read_state_dict(p)
-    return "generator" in raw or "generator_ema" in raw
-
-
 def convert(src: str | Path, out: str | Path, config: str | None = None, preset_name: str = "wan-1.3b",
             fmt: str = "auto", lora: str | None = None, ema: bool = False, dtype: str = "bf16",
             lora_alpha: float | None = None, lora_rank: int | None = None, wan: str | None = None,
@@ -92,13 +81,13 @@ def convert(src: str | Path, out: str | Path, config: str | None = None, preset_
     parts = wan_parts(wan) if wan else {}
     if wav2vec2 is not None and not (Path(wav2vec2) / "config.json").is_file():
         raise InputError(f"{wav2vec2}: not a wav2vec2 model folder (expected config.json and weights)")
-    official = is_official(src, fmt)
     if lora:
-        sd = omniavatar_state_dict(src, lora, lora_alpha, lora_rank)
-    elif official:
-        sd = avatarforcing_state_dict(src, ema, lora_alpha, lora_rank)
+        sd, official = omniavatar_state_dict(src, lora, lora_alpha, lora_rank), False
+    elif fmt == "avatarforcing":
+        sd, official = avatarforcing_state_dict(src, ema, lora_alpha, lora_rank), True
     else:
-        sd = detect_and_read(src, ema, lora_alpha, lora_rank)
+        sd, official = read_checkpoint(src, ema, lora_alpha, lora_rank)
+        official = official and fmt == "auto"  # only a detected official checkpoint gets the release's settings
     if "patch_embedding.weight" in sd and sd["patch_embedding.weight"].shape[1] != cfg.model.in_channels:
         plain = sd["patch_embedding.weight"].shape[1] == cfg.model.latent_channels
         if plain and "audio_proj.proj.weight" not in sd:  # a text-to-video Wan checkpoint

@@ -134,22 +134,29 @@ def _sync_front_end() -> MelFrontEnd:
     return MelFrontEnd(preset("mini").codec)  # the rows the SyncNet-style model was trained on
 
 
-def sync(nets, frames: np.ndarray, audio: np.ndarray) -> dict:
+def _sync_inputs(nets, frames: np.ndarray, audio: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mouth crops, audio rows) of the frames both cover, on the nets' device."""
     rows = _sync_front_end().offline(audio)
     n = min(len(rows), len(frames))
     crops = mouth_crop(_tensor(frames[:n], _device(nets)))
-    return sync_scores(nets["sync"], crops, rows[:n].to(crops.device))
+    return crops, rows[:n].to(crops.device)
+
+
+def sync(nets, frames: np.ndarray, audio: np.ndarray) -> dict:
+    return sync_scores(nets["sync"], *_sync_inputs(nets, frames, audio))
 
 
 def sync_floor(nets, frames: np.ndarray, audio: np.ndarray, shifts: int = 10, seed: int = 0) -> dict:
     """Sync-C with the audio circularly shifted by at least one second: what a video scores against speech
-    that is not its own (``sync_c_floor95``: the 95th percentile over ``shifts`` shifts)."""
-    spf = len(audio) // max(len(frames), 1)
-    n = min(len(frames), len(audio) // max(spf, 1))
+    that is not its own (``sync_c_floor95``: the 95th percentile over ``shifts`` shifts). One audio row per
+    video frame, so shifting the audio by k frames is rolling its rows by k (crops and rows computed once)."""
+    crops, rows = _sync_inputs(nets, frames, audio)
+    n = len(rows)
     if n < 4 * FPS:
         return {}
     rng = np.random.default_rng(seed)
-    vals = [sync(nets, frames, np.roll(audio, int(k) * spf))["sync_c"] for k in rng.integers(FPS, n - FPS, shifts)]
+    vals = [sync_scores(nets["sync"], crops, torch.roll(rows, int(k), 0))["sync_c"]
+            for k in rng.integers(FPS, n - FPS, shifts)]
     return {"sync_c_floor95": float(np.percentile(vals, 95)), "sync_c_floor_mean": float(np.mean(vals))}
 
 

@@ -112,9 +112,6 @@ class Metrics:
         return {"values": dict(self.values), "step_counts": list(self.step_counts), "step_sum": self.step_sum,
                 "step_n": self.step_n}
 
-    def text(self) -> str:
-        return self.render({"": self.snapshot()})
-
     @classmethod
     def render(cls, snapshots: dict[str, dict]) -> str:
         lines = []
@@ -374,16 +371,18 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
         return JSONResponse({"status": "shutting_down" if state["shutting_down"] else "ok",
                              "sessions": state["active"], "max_sessions": limits.max_sessions})
 
-    def sync_gauges() -> None:
+    def snapshot() -> dict:
+        """This process's metrics, with the gauges read from the live state."""
         metrics.values["sessions_active"], metrics.values["sessions_pending"] = state["active"], state["pending"]
         metrics.values["queue_seconds"] = state["queued"] / avatar.cfg.codec.sample_rate
+        return metrics.snapshot()
 
-    app.state.snapshot = lambda: (sync_gauges(), metrics.snapshot())[1]
+    app.state.snapshot = snapshot
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prom():
-        sync_gauges()
-        text = Metrics.render(await metrics_source()) if metrics_source is not None else metrics.text()
+        own = {"": snapshot()}
+        text = Metrics.render(await metrics_source() if metrics_source is not None else own)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.api_route("/identities", methods=["GET", "HEAD"])
@@ -399,11 +398,9 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
     @app.api_route("/model", methods=["GET", "HEAD"])
     async def model_info():
         c = avatar.cfg
-        frames = c.stream.window_blocks * c.stream.block_frames * c.codec.temporal_stride  # the window's future
-        samples = frames * c.codec.samples_per_frame + avatar.front_end.lookahead_samples
-        lookahead = 1000 * samples / c.codec.sample_rate
         return JSONResponse({"name": c.name, "width": c.codec.width, "height": c.codec.height, "fps": c.codec.fps,
-                             "text": bool(c.model.text_dim), "lookahead_ms": lookahead, "about": about(c.name),
+                             "text": bool(c.model.text_dim), "lookahead_ms": avatar.lookahead_ms(),
+                             "about": about(c.name),
                              "max_sessions": limits.max_sessions})
 
     @app.post("/prepare")
