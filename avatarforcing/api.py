@@ -59,6 +59,18 @@ def read_components(folder: Path) -> dict[str, Path]:
     return {k: (folder / str(v)) if not Path(str(v)).is_absolute() else Path(str(v)) for k, v in data.items() if v}
 
 
+def model_folder(name_or_path: str | Path) -> Path:
+    """A model folder, or the folder of a shipped model of that name."""
+    path = Path(name_or_path)
+    if not path.exists() and (PACKAGE_MODELS / str(name_or_path)).exists():
+        path = PACKAGE_MODELS / str(name_or_path)
+    if not path.exists():
+        shipped = sorted(p.name for p in PACKAGE_MODELS.glob("*")) if PACKAGE_MODELS.exists() else []
+        raise InputError(f"{name_or_path}: no such model folder, and no shipped model of that name "
+                         f"(shipped: {shipped or 'none yet: the trained mini model is not in this build'})")
+    return path
+
+
 def default_dtype(device: str | torch.device) -> str:
     """bf16 on a GPU (what the release runs), fp32 on the CPU."""
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
@@ -67,11 +79,11 @@ def default_dtype(device: str | torch.device) -> str:
 class Avatar:
     def __init__(self, model: AvatarDiT, vae, cfg: Config, device: str | torch.device = "cpu",
                  audio_model: str | Path | None = None, teacher: AvatarDiT | None = None,
-                 prompts: Prompts | None = None):
+                 prompts: Prompts | None = None, folder: str | Path | None = None):
         self.model, self.vae, self.cfg = model.eval(), vae.eval(), cfg
         self.teacher = teacher.eval() if teacher is not None else None  # the multi-step baseline's weights
         self.device = torch.device(device)
-        self.front_end = make_front_end(cfg.codec, audio_model)
+        self.front_end = make_front_end(cfg.codec, audio_model, folder)
         self.dtype = next(model.parameters()).dtype
         self.prompts = prompts or Prompts(cfg.model.text_len, cfg.model.text_dim, required=False)
 
@@ -85,13 +97,7 @@ class Avatar:
         dtype: "fp32" | "bf16" | "fp16" for the DiT and the VAE (default: bf16 on a GPU, fp32 on the CPU).
         overrides: config fields to change for this run, e.g. ``{"codec.audio_lookahead_frames": 4}``.
         """
-        path = Path(name_or_path)
-        if not path.exists() and (PACKAGE_MODELS / str(name_or_path)).exists():
-            path = PACKAGE_MODELS / str(name_or_path)
-        if not path.exists():
-            shipped = sorted(p.name for p in PACKAGE_MODELS.glob("*")) if PACKAGE_MODELS.exists() else []
-            raise InputError(f"{name_or_path}: no such model folder, and no shipped model of that name "
-                             f"(shipped: {shipped or 'none yet: the trained mini model is not in this build'})")
+        path = model_folder(name_or_path)
         dtype = dtype or default_dtype(device)
         if dtype not in DTYPES:
             raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -119,7 +125,7 @@ class Avatar:
             teacher, _ = load_model(path, device, name="teacher.safetensors", dtype=dt)
         prompts = Prompts(cfg.model.text_len, cfg.model.text_dim, components.get("text_encoder"),
                           components.get("tokenizer"), folder=path)
-        return cls(model, vae, cfg, device, audio_model, teacher, prompts)
+        return cls(model, vae, cfg, device, audio_model, teacher, prompts, folder=path)
 
     @classmethod
     def random(cls, cfg: Config | str = "mini", seed: int = 0, device: str = "cpu",

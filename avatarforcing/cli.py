@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -262,6 +263,8 @@ def cmd_train(args) -> int:
 
     from .train.recipe import SMOKE, RecipeConfig, run_recipe
 
+    if args.stage == "listener":
+        return _train_listener(args)
     if args.stage == "syncnet":
         from .eval.nets import EVAL_WEIGHTS, train_eval_nets
 
@@ -286,6 +289,29 @@ def cmd_train(args) -> int:
         print(f"avatarforcing train: {e}")
         return 3
     print(f"train {args.stage}: done; cumulative seconds per stage: {times}")
+    return 0
+
+
+def _train_listener(args) -> int:
+    import dataclasses
+
+    import yaml
+
+    from .api import model_folder
+    from .config import Config
+    from .train.listener import ListenerTrainConfig, train_listener
+
+    folder = model_folder(args.model)
+    cfg = Config.load(folder / "config.yaml")
+    if cfg.codec.audio != "mel":
+        raise AvatarForcingError(f"{folder}: the listener adapts mel rows; this model's codec.audio is "
+                                 f"{cfg.codec.audio!r}")
+    tcfg = ListenerTrainConfig(steps=40, batch=2, workers=0) if args.smoke else ListenerTrainConfig()
+    if args.config:
+        tcfg = dataclasses.replace(tcfg, **(yaml.safe_load(Path(args.config).read_text()) or {}))
+    report = train_listener(args.corpus, folder, args.out, cfg.override({"codec.listener": "none"}), tcfg,
+                            minutes=args.minutes, export=args.export)
+    print(json.dumps(report, indent=1))
     return 0
 
 
@@ -438,10 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_args(v)
     v.set_defaults(func=cmd_serve)
 
-    t = sub.add_parser("train", help="training stages: vae, teacher, ode-generate, ode, dmd, recipe",
+    t = sub.add_parser("train", help="training stages: vae, teacher, ode-generate, ode, dmd, recipe, listener",
                        description="Run the mini recipe up to a stage (earlier stages are resumed or reused). "
                                    "Every stage checkpoints atomically in --out and resumes where it stopped.")
-    t.add_argument("stage", choices=["vae", "teacher", "ode-generate", "ode", "dmd", "recipe", "syncnet"])
+    t.add_argument("stage", choices=["vae", "teacher", "ode-generate", "ode", "dmd", "recipe", "syncnet", "listener"])
+    t.add_argument("--model", default="mini", help="listener: the model whose audio rows it learns to give back")
     t.add_argument("--corpus", default="data/corpus", help="corpus folder from `avatarforcing data synth`")
     t.add_argument("--out", default="runs/mini", help="checkpoints, logs (JSONL) and intermediate data")
     t.add_argument("--export", help="write the trained student + VAE as a model folder here (recipe)")

@@ -73,6 +73,11 @@ class CodecConfig:
     audio_lookahead_frames: int = 0  # right context a streaming audio front end waits for
     audio_left_context_frames: int = 50  # bounded left context (wav2vec2 streaming)
     n_mels: int = 32  # mel front end: bands per 10 ms hop
+    # mel rows through the listener (codecs/listener.py, weights listener.safetensors): any voice and microphone
+    # -> the rows of clean speech the DiT was trained on
+    listener: str = "none"  # "none" | "mel-adapter"
+    listener_history_frames: int = 150  # its per-band normalisation window (6 s)
+    listener_lookahead_frames: int = 2  # its right context, added to the front end's look-ahead
     # how inputs are prepared; a converted official checkpoint uses the release's choices (README, "Published
     # weights"): bilinear, sinc_hann, clip
     image_filter: str = "lanczos"  # "lanczos" | "bilinear" (antialiased, as the release's torchvision resize)
@@ -311,6 +316,10 @@ def _validate(c: Config) -> None:
     _check(k.audio_lookahead_frames >= 0, "codec.audio_lookahead_frames", "must be >= 0")
     _check(k.audio_left_context_frames >= 0, "codec.audio_left_context_frames", "must be >= 0")
     _check(k.audio_clip_tail_frames >= 0, "codec.audio_clip_tail_frames", "must be >= 0")
+    _one_of(k.listener, "codec.listener", ("none", "mel-adapter"))
+    _check(k.listener == "none" or k.audio == "mel", "codec.listener", "needs codec.audio: mel")
+    _check(k.listener_history_frames >= 1, "codec.listener_history_frames", "must be >= 1")
+    _check(k.listener_lookahead_frames >= 0, "codec.listener_lookahead_frames", "must be >= 0")
     _one_of(k.image_filter, "codec.image_filter", ("lanczos", "bilinear"))
     _one_of(k.resampler, "codec.resampler", ("kaiser", "sinc_hann"))
     _one_of(k.audio_rows, "codec.audio_rows", ("streaming", "clip"))

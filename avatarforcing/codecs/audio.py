@@ -199,7 +199,14 @@ class Wav2Vec2FrontEnd:
         return rows[left: left + (stop - start)]
 
 
-def make_front_end(cfg: CodecConfig, model_dir: str | Path | None = None):
+def make_front_end(cfg: CodecConfig, model_dir: str | Path | None = None, folder: str | Path | None = None):
+    """The configured front end; ``model_dir`` a wav2vec2 folder, ``folder`` the model folder (listener weights)."""
+    if cfg.audio == "mel" and cfg.listener != "none":
+        from .listener import ListeningFrontEnd
+
+        if folder is None:
+            raise InputError(f"codec.listener {cfg.listener!r} needs the model folder's listener.safetensors")
+        return ListeningFrontEnd.load(cfg, Path(folder) / "listener.safetensors")
     if cfg.audio == "mel":
         return MelFrontEnd(cfg)
     if model_dir is None:
