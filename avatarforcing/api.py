@@ -28,7 +28,7 @@ from .config import Config, preset
 from .data.audio import load_audio
 from .data.image import load_image, prepare_image, to_uint8
 from .errors import InputError
-from .model import AvatarDiT
+from .model import AvatarDiT, fast
 from .stream.teacher import TeacherSampler
 from .stream.window import Options, WindowSampler
 
@@ -91,11 +91,13 @@ class Avatar:
 
     @classmethod
     def load(cls, name_or_path: str | Path, device: str = "cpu", audio_model: str | Path | None = None,
-             dtype: str | None = None, overrides: dict | None = None) -> Avatar:
+             dtype: str | None = None, overrides: dict | None = None, engine: str | None = None) -> Avatar:
         """A model folder (config.yaml, model.safetensors, VAE, optional components.yaml) or a shipped model's name.
 
         dtype: "fp32" | "bf16" | "fp16" for the DiT and the VAE (default: bf16 on a GPU, fp32 on the CPU).
         overrides: config fields to change for this run, e.g. ``{"codec.audio_lookahead_frames": 4}``.
+        engine: the student's inference variant (model/fast.py: eager, compiled, graphs, fp8, joined with '+');
+        default: compiled on CUDA, eager on the CPU.
         """
         path = model_folder(name_or_path)
         dtype = dtype or default_dtype(device)
@@ -103,6 +105,7 @@ class Avatar:
             raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         dt = DTYPES[dtype]
         model, cfg = load_model(path, device, dtype=dt)
+        fast.engine(model, engine or fast.default_variant(device))
         if overrides:
             cfg = cfg.override(overrides)
         components = read_components(path)

@@ -53,6 +53,8 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--prompt-embeds", help="cached embeddings from `avatarforcing encode-prompt`")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="model precision (default: bf16 on a GPU, "
                                                                     "fp32 on the CPU)")
+    p.add_argument("--engine", help="inference variant: eager, compiled, graphs, fp8, or joined with '+' (default: "
+                                    "compiled on a GPU, eager on the CPU; see `bench speed --variants`)")
 
 
 def _prompt(args) -> dict:
@@ -87,7 +89,7 @@ def cmd_generate(args) -> int:
     from .api import Avatar
     from .data.video import VideoWriter
 
-    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype, _overrides(args))
+    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype, _overrides(args), args.engine)
     rate = avatar.cfg.codec.sample_rate
     pcm = avatar.load_audio(args.audio)
     t0 = time.perf_counter()
@@ -128,7 +130,7 @@ def cmd_stream(args) -> int:
 
     from .api import Avatar
 
-    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype, _overrides(args))
+    avatar = Avatar.load(args.model, args.device, args.audio_model, args.dtype, _overrides(args), args.engine)
     session = avatar.session(_reference(args), seed=args.seed, mode=args.mode, options=_options(args),
                              **_prompt(args))
     c = avatar.cfg.codec
@@ -165,7 +167,8 @@ def cmd_bench(args) -> int:
 
     if args.what == "speed":
         modes = args.modes.split(",")
-        speed_main(args.model, args.frames, args.device, args.dtype, args.json, modes)
+        variants = args.variants.split(",") if args.variants else None
+        speed_main(args.model, args.frames, args.device, args.dtype, args.json, modes, variants)
     elif args.what == "codec":
         from .config import preset
 
@@ -407,7 +410,7 @@ def cmd_serve(args) -> int:
         return 0
     from .serve.app import serve
 
-    serve(args.model, args.host, args.port, args.max_sessions, args.device, dtype=args.dtype,
+    serve(args.model, args.host, args.port, args.max_sessions, args.device, dtype=args.dtype, engine=args.engine,
           allow_origins=tuple(args.allow_origin or ()), docs=args.docs, **_prompt(args))
     return 0
 
@@ -513,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="mini", choices=["mini", "wan-1.3b"])
     b.add_argument("--frames", type=int, default=1000)
     b.add_argument("--modes", default="avatarforcing,ar", help="comma-separated samplers to compare")
+    b.add_argument("--variants", help="bench speed: engine variants to compare with eager, e.g. "
+                                      "eager,compiled,graphs,fp8,fp8+graphs (model/fast.py)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     b.add_argument("--json", help="write the JSON result here")

@@ -67,21 +67,26 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype):
 
 @torch.no_grad()
 def run_speed(cfg: Config, frames: int, device: torch.device, dtype: torch.dtype, model=None, vae=None,
-              mode: str = "avatarforcing", progress: bool = True) -> dict:
+              mode: str = "avatarforcing", progress: bool = True, keep_latents: int = 0) -> dict:
+    """One streamed run; ``keep_latents`` > 0 also returns the first emitted latent blocks (``latents``) to
+    compare variants on the same inputs and noise."""
     model, vae = (model, vae) if model is not None else build(cfg, device, dtype)
     s, c = cfg.stream, cfg.codec
     h, w = c.latent_hw
-    ref = torch.randn(1, cfg.model.latent_channels, 1, h, w, device=device, dtype=dtype)
-    context = None
-    if cfg.model.text_dim:
-        context = torch.randn(1, cfg.model.text_len, cfg.model.text_dim, device=device, dtype=dtype)
+    inputs = torch.Generator().manual_seed(1)  # the same inputs for every run (variants are compared on them)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=inputs).to(device, dtype)
+
+    ref = randn(1, cfg.model.latent_channels, 1, h, w)
+    context = randn(1, cfg.model.text_len, cfg.model.text_dim) if cfg.model.text_dim else None
     kw = dict(window_blocks=1, denoising_steps=(s.num_train_timesteps,)) if mode == "ar" else {}
     sampler = WindowSampler(model, cfg, ref, torch.Generator().manual_seed(0), context=context, **kw)
     decoder = vae.stream_decoder()
     decoder.decode(ref)
     fpb = s.block_frames * c.temporal_stride
     n_blocks = -(-frames // fpb)
-    audio = torch.randn(1, s.block_frames, cfg.model.audio_pack, cfg.model.audio_dim, device=device, dtype=dtype)
+    audio = randn(1, s.block_frames, cfg.model.audio_pack, cfg.model.audio_dim)
     dit_ms, vae_ms, mem = [], [], []
     first_frame_ms = None
     t_start = time.perf_counter()
@@ -89,12 +94,14 @@ def run_speed(cfg: Config, frames: int, device: torch.device, dtype: torch.dtype
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     steps = range(n_blocks + sampler.L - 1)
+    kept: list[torch.Tensor] = []
     for i in tqdm(steps, desc=f"{cfg.name} {mode}", disable=not progress):
         _sync(device)
         t0 = time.perf_counter()
         latents = sampler.push(audio) if i < n_blocks else sampler._step()
         _sync(device)
         t1 = time.perf_counter()
+        kept += [z.float().cpu() for z in latents][: max(0, keep_latents - len(kept))]
         for z in latents:
             x = decoder.decode(z)
             out_frames += x.shape[2]
@@ -130,7 +137,44 @@ def run_speed(cfg: Config, frames: int, device: torch.device, dtype: torch.dtype
     }
     if first_frame_ms is not None:  # compute to the first frame: the first L steps (warm-up) + decode
         res["first_frame_latency_ms"] = float(sum(step_ms[: sampler.L]))
+    if keep_latents:
+        res["latents"] = torch.cat(kept, dim=2) if kept else None
     return res
+
+
+def compare_variants(cfg: Config, frames: int, device: torch.device, dtype: torch.dtype, variants: list[str],
+                     progress: bool = True, keep_latents: int = 8) -> list[dict]:
+    """Every engine variant in this process on the same card, inputs and noise: speed (``run_speed``),
+    start-up (the first window step, which pays compilation), and the max / rms difference of its first
+    ``keep_latents`` emitted latent blocks from eager's."""
+    import copy
+
+    from ..model.fast import engine
+
+    base, vae = build(cfg, device, dtype)
+    results, ref = [], None
+    for spec in ["eager"] + [v for v in variants if v != "eager"]:
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        engine(model, spec)
+        t_engine = time.perf_counter() - t0
+        res = run_speed(cfg, frames, device, dtype, model, vae, progress=progress, keep_latents=keep_latents)
+        res["variant"] = spec
+        # variant set-up + compute to the first frame (the warm-up steps, where compilation happens)
+        res["startup_s"] = t_engine + res["first_frame_latency_ms"] / 1000
+        lat = res.pop("latents")
+        if ref is None:
+            ref = lat
+        d = (lat - ref).float()
+        res["latents_max_diff"] = float(d.abs().max())
+        res["latents_rms_diff"] = float(d.pow(2).mean().sqrt())
+        res["latents_rel_rms_diff"] = float(d.pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt())
+        if spec in variants:
+            results.append(res)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
 
 
 @torch.no_grad()
@@ -153,12 +197,16 @@ def run_codec(cfg: Config, device: torch.device, dtype: torch.dtype, latents: in
             f"{cfg.codec.width}x{cfg.codec.height}", "decode_frames_per_s": n / dt, "ms_per_frame": 1000 * dt / n}
 
 
-def speed_main(model: str, frames: int, device: str, dtype: str, json_path: str | None, modes: list[str]) -> list:
+def speed_main(model: str, frames: int, device: str, dtype: str, json_path: str | None, modes: list[str],
+               variants: list[str] | None = None) -> list:
     dev = torch.device(device)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = preset(model)
-    net, vae = build(cfg, dev, dt)
-    results = [run_speed(cfg, frames, dev, dt, net, vae, mode=m) for m in modes]
+    if variants:
+        results = compare_variants(cfg, frames, dev, dt, variants)
+    else:
+        net, vae = build(cfg, dev, dt)
+        results = [run_speed(cfg, frames, dev, dt, net, vae, mode=m) for m in modes]
     text = json.dumps(results if len(results) > 1 else results[0], indent=2)
     print(text)
     if json_path:

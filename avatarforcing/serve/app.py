@@ -727,10 +727,10 @@ def about(name: str) -> str:
 
 def serve(model: str = "mini", host: str = "127.0.0.1", port: int = 8000, max_sessions: int = 4,
           device: str = "cpu", dtype: str | None = None, prompt: str | None = None, prompt_embeds=None,
-          allow_origins: tuple[str, ...] = (), docs: bool = False) -> None:
+          allow_origins: tuple[str, ...] = (), docs: bool = False, engine: str | None = None) -> None:
     from .http import run
 
-    avatar = Avatar.load(model, device, dtype=dtype)
+    avatar = Avatar.load(model, device, dtype=dtype, engine=engine)
     avatar.prompts.set_default(prompt, prompt_embeds)  # what sessions get when their start message has no prompt
     limits = Limits(max_sessions=max_sessions, allow_origins=tuple(allow_origins), docs=docs)
     run(create_app(avatar, limits), host, port, limits)

@@ -159,7 +159,7 @@ def train_listener(corpus: str | Path, model_dir: str | Path, out: str | Path, c
     trainer = Trainer("listener", net, out, loop, torch.device("cpu"))
     ex = Examples(train, cfg, tcfg)
     ctx = get_context("spawn")
-    pool = ctx.Pool(tcfg.workers) if tcfg.workers > 0 else None
+    pool = ctx.Pool(tcfg.workers, initializer=torch.set_num_threads, initargs=(1,)) if tcfg.workers > 0 else None
     upcoming = range(trainer.step, tcfg.steps)
     batches = pool.imap(ex.batch, upcoming, chunksize=1) if pool else map(ex.batch, upcoming)
 
