@@ -168,7 +168,7 @@ def cmd_bench(args) -> int:
     if args.what == "speed":
         modes = args.modes.split(",")
         variants = args.variants.split(",") if args.variants else None
-        speed_main(args.model, args.frames, args.device, args.dtype, args.json, modes, variants)
+        speed_main(args.model, args.frames, args.device, args.dtype, args.json, modes, variants, args.weights)
     elif args.what == "codec":
         from .config import preset
 
@@ -518,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", default="avatarforcing,ar", help="comma-separated samplers to compare")
     b.add_argument("--variants", help="bench speed: engine variants to compare with eager, e.g. "
                                       "eager,compiled,graphs,fp8,fp8+graphs (model/fast.py)")
+    b.add_argument("--weights", help="bench speed --variants: a model folder or shipped name (mini) whose trained "
+                                     "DiT replaces the random one")
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     b.add_argument("--json", help="write the JSON result here")

@@ -143,15 +143,22 @@ def run_speed(cfg: Config, frames: int, device: torch.device, dtype: torch.dtype
 
 
 def compare_variants(cfg: Config, frames: int, device: torch.device, dtype: torch.dtype, variants: list[str],
-                     progress: bool = True, keep_latents: int = 8) -> list[dict]:
+                     progress: bool = True, keep_latents: int = 8, weights: str | None = None,
+                     on_result=None) -> list[dict]:
     """Every engine variant in this process on the same card, inputs and noise: speed (``run_speed``),
     start-up (the first window step, which pays compilation), and the max / rms difference of its first
-    ``keep_latents`` emitted latent blocks from eager's."""
+    ``keep_latents`` emitted latent blocks from eager's. ``weights``: a model folder (or shipped name) whose
+    trained DiT replaces the random one (differences on random weights overstate what trained ones do)."""
     import copy
 
     from ..model.fast import engine
 
     base, vae = build(cfg, device, dtype)
+    if weights:
+        from ..api import model_folder
+        from ..checkpoints import load_model
+
+        base, cfg = load_model(model_folder(weights), device, dtype=dtype)
     results, ref = [], None
     for spec in ["eager"] + [v for v in variants if v != "eager"]:
         model = copy.deepcopy(base)
@@ -160,6 +167,7 @@ def compare_variants(cfg: Config, frames: int, device: torch.device, dtype: torc
         t_engine = time.perf_counter() - t0
         res = run_speed(cfg, frames, device, dtype, model, vae, progress=progress, keep_latents=keep_latents)
         res["variant"] = spec
+        res["weights"] = weights or "random"
         # variant set-up + compute to the first frame (the warm-up steps, where compilation happens)
         res["startup_s"] = t_engine + res["first_frame_latency_ms"] / 1000
         lat = res.pop("latents")
@@ -171,6 +179,8 @@ def compare_variants(cfg: Config, frames: int, device: torch.device, dtype: torc
         res["latents_rel_rms_diff"] = float(d.pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt())
         if spec in variants:
             results.append(res)
+            if on_result:
+                on_result(results)  # e.g. rewrite the JSON: a run cut short keeps the variants it finished
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -198,20 +208,24 @@ def run_codec(cfg: Config, device: torch.device, dtype: torch.dtype, latents: in
 
 
 def speed_main(model: str, frames: int, device: str, dtype: str, json_path: str | None, modes: list[str],
-               variants: list[str] | None = None) -> list:
+               variants: list[str] | None = None, weights: str | None = None) -> list:
     dev = torch.device(device)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = preset(model)
+
+    def write(results: list) -> str:
+        text = json.dumps(results if len(results) > 1 else results[0], indent=2)
+        if json_path:
+            with open(json_path, "w") as f:
+                f.write(text + "\n")
+        return text
+
     if variants:
-        results = compare_variants(cfg, frames, dev, dt, variants)
+        results = compare_variants(cfg, frames, dev, dt, variants, weights=weights, on_result=write)
     else:
         net, vae = build(cfg, dev, dt)
         results = [run_speed(cfg, frames, dev, dt, net, vae, mode=m) for m in modes]
-    text = json.dumps(results if len(results) > 1 else results[0], indent=2)
-    print(text)
-    if json_path:
-        with open(json_path, "w") as f:
-            f.write(text + "\n")
+    print(write(results))
     return results
 
 
