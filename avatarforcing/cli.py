@@ -249,7 +249,7 @@ def cmd_data(args) -> int:
 
     t0 = time.perf_counter()
     synth(args.out, args.clips, args.seconds, args.split, args.seed, args.size, args.workers, args.shard_size,
-          clip_files=not args.shards_only)
+          clip_files=not args.shards_only, synthesisers=tuple(args.voices.split(",")))
     dt = time.perf_counter() - t0
     frames = args.clips * round(args.seconds * 25)
     print(f"{args.out}: {args.clips} {args.split} clips, {frames} frames in {dt:.1f} s ({frames / dt:.0f} frames/s)")
@@ -330,7 +330,8 @@ def cmd_eval(args) -> int:
         res = run_longform(args.model, args.clips, args.frames, [m for m in args.modes.split(",") if m],
                            args.json, args.report, eval_nets=nets_dir, device=args.device,
                            fid_extractor=args.fid_extractor, batch=args.batch, workers=args.workers,
-                           deadline_minutes=args.deadline_min, first=args.first, syncnet_v2=args.syncnet_v2)
+                           deadline_minutes=args.deadline_min, first=args.first, syncnet_v2=args.syncnet_v2,
+                           voices=tuple(args.voices.split(",")))
         print(markdown_table(res))
         return 0
     if args.what == "merge":
@@ -503,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch", type=int, default=1, help="longform: clips per engine run (e.g. 100 on a GPU)")
     e.add_argument("--workers", type=int, default=0, help="longform: processes synthesising clips ahead")
+    e.add_argument("--voices", default="espeak", help="longform: held-out voices, espeak or espeak,flite (flite's "
+                                                     "held-out speaker slt in 40%% of the clips; needs Debian flite)")
     e.add_argument("--first", type=int, default=0, help="longform: first clip index (resume a run cut short)")
     e.add_argument("--deadline-min", type=float, help="longform: stop after the batch that passes this many minutes "
                                                      "(the JSON is rewritten after every batch)")
@@ -537,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="synth: render a corpus split (MP4 + wav + ground truth + training shards); "
                                    "identities: list the built-in identities (or save their portraits).")
     d.add_argument("what", choices=["synth", "identities"])
+    d.add_argument("--voices", default="espeak", help="synth: espeak or espeak,flite (flite's real-speaker voices "
+                                                     "for 40%% of the clips; needs Debian's flite)")
     d.add_argument("--out", help="corpus folder (synth) or folder for portrait PNGs (identities)")
     d.add_argument("--clips", type=int, default=16)
     d.add_argument("--seconds", type=float, default=16.0)

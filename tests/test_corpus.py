@@ -112,3 +112,31 @@ def test_speech_library_comes_with_the_project(monkeypatch):
     monkeypatch.delenv("ESPEAK_NG_LIB")
     a = synthesize("The same words twice.")
     assert len(a.samples) > 10_000 and np.abs(a.samples).max() > 0.05 and len(a.phonemes) > 8
+
+
+def _has_flite() -> bool:
+    from avatarforcing.data import flite
+
+    return flite.available()
+
+
+@pytest.mark.skipif(not _has_flite(), reason="Debian's flite (libflite) is not installed")
+def test_flite_voices_have_phoneme_timing_and_their_own_split():
+    from avatarforcing.data import flite
+    from avatarforcing.data.corpus import FLITE_SPLITS
+    from avatarforcing.data.visemes import phoneme_to_viseme
+
+    assert not set(FLITE_SPLITS["train"]) & set(FLITE_SPLITS["heldout"])
+    sp = flite.synthesize("Bob saw a map.", "slt")
+    starts = [t for _, t in sp.phonemes]
+    assert starts == sorted(starts) and starts[-1] < len(sp.samples) / sp.rate
+    names = [ph for ph, _ in sp.phonemes if ph != "_"]
+    assert names[:3] == ["b", "A:", "b"]  # b aa b
+    assert phoneme_to_viseme("b") == phoneme_to_viseme("m")  # lips closed, as flite's "m" of "map"
+    again = flite.synthesize("Bob saw a map.", "slt")
+    assert np.array_equal(sp.samples, again.samples)  # seeded per request
+    clips = [make_clip("heldout", i, 0, 2.0, synthesisers=("espeak", "flite"))[0] for i in range(8)]
+    fl = {c.voice for c in clips if c.voice.startswith("flite:")}
+    assert fl and fl <= {"flite:slt"}
+    # espeak-only corpora are unchanged by the option's existence
+    assert make_clip("train", 0, 0, 1.0)[0].voice == make_clip("train", 0, 0, 1.0, synthesisers=("espeak",))[0].voice

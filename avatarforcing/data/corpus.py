@@ -85,6 +85,13 @@ def voices(split: str) -> list[str]:
     return [v for v in pool if _bucket("voice:" + v) == split]
 
 
+# flite's voices are four real speakers (kal and kal16 are one man at two sample rates): assigned by hand so
+# the held-out split has a speaker of its own
+FLITE_SPLITS = {"train": ["kal", "kal16", "awb", "rms"], "heldout": ["slt"]}
+FLITE_SHARE = 0.4  # of a split's clips, when ``voices`` includes flite
+SYNTHESISERS = ("espeak", "flite")
+
+
 def split_sentence(rng: np.random.Generator, split: str) -> str:
     while True:
         s = sentence(rng)
@@ -108,13 +115,19 @@ class ClipSpec:
 
 
 def make_clip(split: str, index: int, seed: int, seconds: float, size: int = 128, fps: int = 25,
-              sample_rate: int = 16000):
-    """Synthesize one clip; returns (spec, frames uint8 [T, H, W, 3], audio float32, gt dict)."""
+              sample_rate: int = 16000, synthesisers: tuple[str, ...] = ("espeak",)):
+    """Synthesize one clip; returns (spec, frames uint8 [T, H, W, 3], audio float32, gt dict).
+
+    With flite among ``synthesisers``, FLITE_SHARE of the clips speak with a flite voice of the split
+    (``voice`` "flite:<name>", ``rate`` its duration stretch in percent)."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     ident = sample_identity(rng)
     pool = voices(split)
     voice = pool[rng.integers(len(pool))]
     rate, pitch, prange = int(rng.integers(120, 230)), int(rng.integers(20, 80)), int(rng.integers(20, 90))
+    if "flite" in synthesisers and rng.random() < FLITE_SHARE:  # drawn only then: espeak-only corpora unchanged
+        names = FLITE_SPLITS[split]
+        voice, rate = f"flite:{names[rng.integers(len(names))]}", int(rng.integers(85, 126))
     raw, events, sentences = clip_speech(split, index, seed, seconds, voice, rate, pitch, prange)
     audio = resample(raw, 22050, sample_rate)
     n = int(round(seconds * sample_rate))
@@ -152,7 +165,8 @@ def _speech(split, index, seed, seconds, voice, rate, pitch, prange):
     pieces.append(np.zeros(int(t * 22050), np.float32))
     while t < seconds:
         text = split_sentence(rng, split)
-        sp = synthesize(text, voice, rate, pitch, prange)
+        sp = flite_speech(text, voice[6:], rate) if voice.startswith("flite:") else \
+            synthesize(text, voice, rate, pitch, prange)
         sentences.append(text)
         starts = [s for _, s in sp.phonemes] + [len(sp.samples) / sp.rate]
         for (ph, a), b in zip(sp.phonemes, starts[1:]):
@@ -163,6 +177,15 @@ def _speech(split, index, seed, seconds, voice, rate, pitch, prange):
         pieces.append(np.zeros(int(gap * sp.rate), np.float32))
         t += gap
     return np.concatenate(pieces), events, sentences
+
+
+def flite_speech(text: str, name: str, stretch_percent: int):
+    """A flite utterance at espeak-ng's rate (22.05 kHz), so a clip's pieces share one rate."""
+    from .flite import synthesize as flite_synthesize
+    from .speech import Speech
+
+    sp = flite_synthesize(text, name, stretch_percent / 100.0)
+    return Speech(resample(sp.samples, sp.rate, 22050), 22050, sp.phonemes, sp.words)
 
 
 def clip_speech(split, index, seed, seconds, voice, rate, pitch, prange):
@@ -193,11 +216,11 @@ def reference_frame(spec: ClipSpec, size: int = 128) -> np.ndarray:
 
 
 def _write_shard(args) -> list[dict]:
-    out, split, indices, seed, seconds, size, shard, clip_files = args
+    out, split, indices, seed, seconds, size, shard, clip_files, synthesisers = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     specs, all_frames, all_audio, gts = [], [], [], []
     for i in indices:
-        spec, frames, audio, gt = make_clip(split, i, seed, seconds, size)
+        spec, frames, audio, gt = make_clip(split, i, seed, seconds, size, synthesisers=synthesisers)
         d = Path(out) / "clips" / spec.name
         d.mkdir(parents=True, exist_ok=True)
         if clip_files:  # playable MP4 + wav + reference portrait per clip (shards alone train the model)
@@ -232,7 +255,8 @@ def _save_png(path, arr):
 
 
 def synth(out: str | Path, clips: int, seconds: float, split: str = "train", seed: int = 0, size: int = 128,
-          workers: int = 1, shard_size: int = 16, progress: bool = True, clip_files: bool = True) -> dict:
+          workers: int = 1, shard_size: int = 16, progress: bool = True, clip_files: bool = True,
+          synthesisers: tuple[str, ...] = ("espeak",)) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
@@ -241,8 +265,15 @@ def synth(out: str | Path, clips: int, seconds: float, split: str = "train", see
         raise ValueError(f"split must be one of {list(SPLITS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(str(out), split, list(range(s, min(clips, s + shard_size))), seed, seconds, size, k, clip_files)
-             for k, s in enumerate(range(0, clips, shard_size))]
+    bad = [v for v in synthesisers if v not in SYNTHESISERS]
+    if bad or "espeak" not in synthesisers:
+        raise ValueError(f"synthesisers must include espeak and be among {SYNTHESISERS}, got {list(synthesisers)}")
+    if "flite" in synthesisers:
+        from .flite import engine
+
+        engine()  # a missing libflite is an error now, not in a worker later
+    tasks = [(str(out), split, list(range(s, min(clips, s + shard_size))), seed, seconds, size, k, clip_files,
+              tuple(synthesisers)) for k, s in enumerate(range(0, clips, shard_size))]
     specs: list[dict] = []
     bar = tqdm(total=clips, unit="clip", desc=f"synth {split}", disable=not progress)
     if workers > 1:
@@ -262,7 +293,7 @@ def synth(out: str | Path, clips: int, seconds: float, split: str = "train", see
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"clips": {}}
     manifest.update({"fps": 25, "sample_rate": 16000, "size": size, "seconds": seconds,
                      "visemes": VISEMES, "fields": FIELDS})
-    manifest.setdefault("splits", {})[split] = {"seed": seed, "clips": clips}
+    manifest.setdefault("splits", {})[split] = {"seed": seed, "clips": clips, "synthesisers": list(synthesisers)}
     for s in specs:
         manifest["clips"][s["name"]] = s
     manifest_path.write_text(json.dumps(manifest, indent=1))

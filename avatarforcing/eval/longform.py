@@ -60,19 +60,19 @@ def clip_summary(details: list[dict], resamples: int = 2000, seed: int = 0) -> d
     return out
 
 
-def _clip(args: tuple[int, int, float, int]) -> dict:
+def _clip(args: tuple[int, int, float, int, tuple[str, ...]]) -> dict:
     """Held-out clip ``index``: its render, speech, ground truth and reference portrait (picklable, so a process
     pool can synthesise clips while the model runs)."""
-    index, seed, seconds, size = args
-    spec, real, audio, gt = make_clip("heldout", index, seed, seconds, size=size)
+    index, seed, seconds, size, synthesisers = args
+    spec, real, audio, gt = make_clip("heldout", index, seed, seconds, size=size, synthesisers=synthesisers)
     return {"name": spec.name, "real": real, "audio": audio, "gt": gt, "ref": reference_frame(spec, size)}
 
 
 class _Clips:
     """Clips by index, synthesised in-process or ahead of time by ``workers`` processes; each clip once."""
 
-    def __init__(self, seed: int, seconds: float, size: int, workers: int):
-        self.args = (seed, seconds, size)
+    def __init__(self, seed: int, seconds: float, size: int, workers: int, synthesisers: tuple[str, ...]):
+        self.args = (seed, seconds, size, synthesisers)
         self.pool = None
         if workers > 1:
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
@@ -109,7 +109,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                  report_dir: str | Path | None, seed: int = 1234, eval_nets: str | Path = EVAL_WEIGHTS,
                  device: str = "cpu", progress: bool = True, fid_extractor: str | None = None, batch: int = 1,
                  workers: int = 0, deadline_minutes: float | None = None, first: int = 0,
-                 syncnet_v2: str | Path | None = None) -> dict:
+                 syncnet_v2: str | Path | None = None, voices: tuple[str, ...] = ("espeak",)) -> dict:
     """Every mode on held-out clips first..clips-1, ``batch`` clips per engine run (``Avatar.generate_batch``).
 
     Clip i is generated with seed i in every mode. The JSON is rewritten after every batch, so an interrupted
@@ -132,7 +132,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
     extractor = TorchScriptFeatures(fid_extractor) if fid_extractor else CorpusFeatures(nets)
     acc = {"real_f": [], "real_c": [], "gen_f": {m: [] for m in modes}, "gen_c": {m: [] for m in modes},
            "per_mode": {m: [] for m in modes}, "gen_s": {m: 0.0 for m in modes}}
-    source = _Clips(seed, frames / 25, size, workers)
+    source = _Clips(seed, frames / 25, size, workers, tuple(voices))
     groups = [list(range(lo, min(clips, lo + batch))) for lo in range(first, clips, batch)]
     bar = tqdm(total=(clips - first) * len(modes), desc="longform", disable=not progress)
     result: dict = {}
@@ -172,6 +172,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
             done = idx[-1] + 1
             result = _result(model, clips, first, done, frames, seed, modes, batch, device, extractor.name, acc,
                              time.perf_counter() - t_start)
+            result["voices"] = list(voices)
             if json_path:
                 Path(json_path).parent.mkdir(parents=True, exist_ok=True)
                 text = json.dumps(result, indent=1)
