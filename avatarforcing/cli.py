@@ -312,7 +312,9 @@ def _train_listener(args) -> int:
     tcfg = ListenerTrainConfig(steps=40, batch=2, workers=0) if args.smoke else ListenerTrainConfig()
     if args.config:
         tcfg = dataclasses.replace(tcfg, **(yaml.safe_load(Path(args.config).read_text()) or {}))
-    report = train_listener(args.corpus, folder, args.out, cfg.override({"codec.listener": "none"}), tcfg,
+    corpora = args.corpus.split(",")
+    report = train_listener(corpora if len(corpora) > 1 else corpora[0], folder, args.out,
+                            cfg.override({"codec.listener": "none"}), tcfg,
                             minutes=args.minutes, export=args.export)
     print(json.dumps(report, indent=1))
     return 0
@@ -473,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Every stage checkpoints atomically in --out and resumes where it stopped.")
     t.add_argument("stage", choices=["vae", "teacher", "ode-generate", "ode", "dmd", "recipe", "syncnet", "listener"])
     t.add_argument("--model", default="mini", help="listener: the model whose audio rows it learns to give back")
-    t.add_argument("--corpus", default="data/corpus", help="corpus folder from `avatarforcing data synth`")
+    t.add_argument("--corpus", default="data/corpus", help="corpus folder from `avatarforcing data synth` (listener: "
+                                                           "several, comma-separated)")
     t.add_argument("--out", default="runs/mini", help="checkpoints, logs (JSONL) and intermediate data")
     t.add_argument("--export", help="write the trained student + VAE as a model folder here (recipe)")
     t.add_argument("--device", default="cpu")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..codecs.audio import MelFrontEnd
 from ..codecs.listener import Listener, ListeningFrontEnd
@@ -37,14 +38,17 @@ class ListenerTrainConfig:
     lr: float = 1e-3
     viseme_weight: float = 0.1
     opening_weight: float = 1.0
+    injection_weight: float = 1.0  # what the DiT adds to its tokens from these rows, against clean speech's
     p_clean: float = 0.15  # examples with the level change only: clean speech must come back unchanged
     workers: int = 1
     seed: int = 0
 
 
-def load_split(corpus: str | Path, split: str) -> dict[str, np.ndarray]:
-    """Every shard of a split: audio [clips, samples] float32, visemes / opening [clips, frames]."""
-    shards = sorted((Path(corpus) / "shards").glob(f"{split}-*"))
+def load_split(corpus: str | Path | list, split: str) -> dict[str, np.ndarray]:
+    """Every shard of a split, of one corpus or several (same clip length): audio [clips, samples] float32,
+    visemes / opening [clips, frames]."""
+    corpora = corpus if isinstance(corpus, (list, tuple)) else [corpus]
+    shards = [s for c in corpora for s in sorted((Path(c) / "shards").glob(f"{split}-*"))]
     if not shards:
         raise InputError(f"{corpus}: no {split} shards (make them with `avatarforcing data synth --split {split}`)")
     audio = np.concatenate([np.load(s / "audio.npy") for s in shards])
@@ -107,23 +111,64 @@ def corpus_prior(data: dict[str, np.ndarray], fe: MelFrontEnd, clips: int = 64) 
     return bands.mean(0).float(), bands.std(0).float()
 
 
-def losses(net: Listener, b: dict[str, torch.Tensor], tcfg: ListenerTrainConfig) -> tuple[torch.Tensor, dict]:
+class Injection(torch.nn.Module):
+    """The DiT's audio path up to what it adds to the tokens: every ``pack`` rows -> AudioPack -> each audio
+    block's projection (frozen, from the model's weights). The listener is judged by this, not only by rows:
+    what matters is what the DiT receives."""
+
+    def __init__(self, model_dir: str | Path, cfg: Config):
+        super().__init__()
+        from ..checkpoints import read_state_dict
+        from ..model import AvatarDiT
+
+        sd = read_state_dict(Path(model_dir) / "model.safetensors")
+        dit = AvatarDiT(cfg.model)
+        self.pack = cfg.model.audio_pack
+        self.audio_proj, self.audio_cond_projs = dit.audio_proj, dit.audio_cond_projs
+        own = {k: v.float() for k, v in sd.items() if k.startswith(("audio_proj.", "audio_cond_projs."))}
+        if len(own) != len(self.state_dict()):
+            raise InputError(f"{model_dir}: the model has no audio path to adapt to (audio_proj / audio_cond_projs)")
+        self.load_state_dict(own)
+        self.requires_grad_(False)
+
+    def forward(self, rows: Tensor) -> Tensor:
+        """rows [N, T, D] -> [N, T // pack, blocks, dim] (the last T % pack rows dropped)."""
+        n, t, d = rows.shape
+        t = t // self.pack * self.pack
+        tok = self.audio_proj(rows[:, :t].reshape(n, t // self.pack, self.pack, d))
+        return torch.stack([p(tok) for p in self.audio_cond_projs], dim=2)
+
+    def loss(self, rows: Tensor, target_rows: Tensor) -> Tensor:
+        """Squared error of the injection relative to the clean injection's energy."""
+        a, b = self(rows), self(target_rows)
+        return (a - b).pow(2).mean() / b.pow(2).mean().clamp(min=1e-8)
+
+
+def losses(net: Listener, b: dict[str, torch.Tensor], tcfg: ListenerTrainConfig,
+           injection: Injection | None = None) -> tuple[torch.Tensor, dict]:
     rows, vis, opening = net.batch(b["x"])
     l_rows = F.mse_loss(rows, b["rows"])
     l_vis = F.cross_entropy(vis.reshape(-1, vis.shape[-1]), b["viseme"].reshape(-1))
     l_open = F.mse_loss(opening, b["opening"])
     loss = l_rows + tcfg.viseme_weight * l_vis + tcfg.opening_weight * l_open
+    extra = {}
+    if injection is not None and tcfg.injection_weight:
+        l_inj = injection.loss(rows, b["rows"])
+        loss = loss + tcfg.injection_weight * l_inj
+        extra["injection_rel"] = l_inj.item()
     acc = (vis.argmax(-1) == b["viseme"]).float().mean()
     return loss, {"loss": loss.item(), "rows_mse": l_rows.item(), "viseme_ce": l_vis.item(),
-                  "viseme_acc": acc.item(), "opening_mse": l_open.item()}
+                  "viseme_acc": acc.item(), "opening_mse": l_open.item(), **extra}
 
 
 @torch.no_grad()
-def evaluate(net: Listener, ex: Examples, n: int = 32, seed: int = 12345) -> dict:
+def evaluate(net: Listener, ex: Examples, n: int = 32, seed: int = 12345, injection: Injection | None = None) -> dict:
     """Held-out crops under fixed augmentation chains: the listener against the raw rows and against its own
     normalisation alone (the net's correction zeroed)."""
     net.eval()
     out = {"rows_mse": 0.0, "rows_mse_raw": 0.0, "rows_mse_norm_only": 0.0, "viseme_acc": 0.0, "opening_r": 0.0}
+    if injection is not None:
+        out.update({"injection_rel": 0.0, "injection_rel_raw": 0.0, "injection_rel_norm_only": 0.0})
     for i in range(n):
         it = ex.make(0, i, seed=seed)
         x, target = torch.from_numpy(it["x"]), torch.from_numpy(it["rows"])
@@ -132,6 +177,10 @@ def evaluate(net: Listener, ex: Examples, n: int = 32, seed: int = 12345) -> dic
         out["rows_mse"] += float(F.mse_loss(rows, target)) / n
         out["rows_mse_raw"] += float(F.mse_loss(x, target)) / n
         out["rows_mse_norm_only"] += float(F.mse_loss(z.view(x.shape), target)) / n
+        if injection is not None:
+            for key, r in (("injection_rel", rows), ("injection_rel_raw", x),
+                           ("injection_rel_norm_only", z.view(x.shape))):
+                out[key] += float(injection.loss(r[None], target[None])) / n
         out["viseme_acc"] += float((vis.argmax(-1).numpy() == it["viseme"]).mean()) / n
         o = it["opening"]
         out["opening_r"] += float(np.corrcoef(opening.numpy(), o)[0, 1]) / n if o.std() > 0 else 0.0
@@ -139,7 +188,7 @@ def evaluate(net: Listener, ex: Examples, n: int = 32, seed: int = 12345) -> dic
     return out
 
 
-def train_listener(corpus: str | Path, model_dir: str | Path, out: str | Path, cfg: Config,
+def train_listener(corpus: str | Path | list, model_dir: str | Path, out: str | Path, cfg: Config,
                    tcfg: ListenerTrainConfig, minutes: float | None = None, export: str | Path | None = None,
                    progress: bool = True) -> dict:
     from multiprocessing import get_context
@@ -157,6 +206,7 @@ def train_listener(corpus: str | Path, model_dir: str | Path, out: str | Path, c
     loop = LoopConfig(steps=tcfg.steps, lr=tcfg.lr, betas=(0.9, 0.99), weight_decay=0.01, grad_clip=1.0,
                       ema_decay=0.999, ema_start=100, log_every=20, save_every=100, seed=tcfg.seed)
     trainer = Trainer("listener", net, out, loop, torch.device("cpu"))
+    injection = Injection(model_dir, cfg)
     ex = Examples(train, cfg, tcfg)
     ctx = get_context("spawn")
     pool = ctx.Pool(tcfg.workers, initializer=torch.set_num_threads, initargs=(1,)) if tcfg.workers > 0 else None
@@ -164,7 +214,7 @@ def train_listener(corpus: str | Path, model_dir: str | Path, out: str | Path, c
     batches = pool.imap(ex.batch, upcoming, chunksize=1) if pool else map(ex.batch, upcoming)
 
     def step_fn(step, micro, gen):
-        return losses(net, next(batches), tcfg)
+        return losses(net, next(batches), tcfg, injection)
 
     try:
         trainer.run(step_fn, progress=progress, deadline=None if minutes is None else time.time() + 60 * minutes)
@@ -173,7 +223,7 @@ def train_listener(corpus: str | Path, model_dir: str | Path, out: str | Path, c
             pool.terminate()
     trained = trainer.trained()
     report = {"steps": trainer.step, "minutes": trainer.seconds / 60,
-              "heldout": evaluate(trained, Examples(heldout, cfg, tcfg))}
+              "heldout": evaluate(trained, Examples(heldout, cfg, tcfg), injection=injection)}
     (out / "listener_eval.json").write_text(json.dumps(report, indent=1))
     if export:
         export_model(model_dir, trained, export, cfg, report)
