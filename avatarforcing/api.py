@@ -283,7 +283,7 @@ class Session:
     def __init__(self, avatar: Avatar, reference: Tensor, seed: int, mode: str, options: Options,
                  context: Tensor | None = None):
         self.avatar, self.cfg = avatar, avatar.cfg
-        self.fe = avatar.front_end
+        self.fe = avatar.front_end.streamer()  # this stream's own (a front end may cache per stream)
         self.spf = self.cfg.codec.samples_per_frame
         self.pack = self.cfg.model.audio_pack
         self.B = self.cfg.stream.block_frames

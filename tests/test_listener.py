@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avatarforcing.codecs.audio import make_front_end
+from avatarforcing.codecs.audio import MelFrontEnd, make_front_end
 from avatarforcing.codecs.listener import Listener, ListeningFrontEnd
 from avatarforcing.config import mini
 from avatarforcing.data import augment as A
@@ -124,13 +124,16 @@ def random_listener(seed: int = 0) -> Listener:
 
 
 @settings(max_examples=8, deadline=None)
-@given(chunks=st.lists(st.integers(1, 9000), min_size=1, max_size=12), seed=st.integers(0, 1000))
-def test_listener_streaming_equals_offline(chunks, seed):
-    """Blocks of 4 frames computed as a Session does (pcm trimmed to left_context_samples) == offline."""
+@given(chunks=st.lists(st.integers(1, 9000), min_size=1, max_size=12), seed=st.integers(0, 1000),
+       cached=st.booleans())
+def test_listener_streaming_equals_offline(chunks, seed, cached):
+    """Blocks of 4 frames computed as a Session does (pcm trimmed to left_context_samples), by the stateless
+    front end or by a stream's caching one, == offline."""
     cfg = mini().codec
-    fe = ListeningFrontEnd(cfg, random_listener(seed))
+    base = ListeningFrontEnd(cfg, random_listener(seed))
+    fe = base.streamer() if cached else base
     pcm = torch.from_numpy(speechlike(4.0, seed))
-    full = fe.offline(pcm)
+    full = base.offline(pcm)
     buf, offset, received, done, rows = torch.zeros(0), 0, 0, 0, []
     bounds = np.cumsum(chunks + [len(pcm)])
     prev = 0
@@ -191,8 +194,9 @@ def test_train_listener_resumes_and_exports(tmp_path):
     assert lines  # logged
     av = Avatar.load(tmp_path / "model")
     assert isinstance(av.front_end, ListeningFrontEnd)
-    base = Avatar.load("mini")
-    spf_ms = 1000 / cfg.codec.fps
-    assert av.lookahead_ms() == pytest.approx(base.lookahead_ms() + cfg.codec.listener_lookahead_frames * spf_ms)
+    mel = MelFrontEnd(cfg.codec)
+    assert av.front_end.lookahead_samples == mel.lookahead_samples + 2 * cfg.codec.samples_per_frame
+    window_ms = 1000 * cfg.stream.window_blocks * cfg.stream.block_frames * cfg.codec.temporal_stride / cfg.codec.fps
+    assert av.lookahead_ms() == pytest.approx(window_ms + 1000 * av.front_end.lookahead_samples / cfg.codec.sample_rate)
     frames = av.generate(np.zeros((128, 128, 3), np.uint8), speechlike(1.0))
     assert frames.shape == (25, 128, 128, 3)

@@ -67,6 +67,10 @@ class MelFrontEnd:
         """How many frames can be computed from the first ``n_samples`` (the look-ahead respected)."""
         return max(0, (n_samples - self.lookahead_samples) // self.spf)
 
+    def streamer(self) -> MelFrontEnd:
+        """The front end a stream uses (stateless here: itself; see ListeningFrontEnd.streamer)."""
+        return self
+
     left_context_samples = property(lambda self: self.pad)
 
     def features(self, pcm: Tensor, start: int, stop: int, offset: int = 0) -> Tensor:
@@ -151,6 +155,9 @@ class Wav2Vec2FrontEnd:
 
     def frames_ready(self, n_samples: int) -> int:
         return max(0, n_samples // self.spf - self.lookahead_frames)
+
+    def streamer(self) -> Wav2Vec2FrontEnd:
+        return self
 
     @staticmethod
     def normalise(pcm: Tensor) -> Tensor:

@@ -109,7 +109,10 @@ class Listener(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Raw rows x [T, row_dim] -> (rows [T, row_dim], viseme logits [T, V], opening [T])."""
-        z = self.normalise(x)
+        return self.heads(self.normalise(x))
+
+    def heads(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised rows z [T, row_dim] -> (rows, viseme logits, opening); zero padding before z[0]."""
         h = self.norm(self.blocks(self.inp(z.T[None])))  # [1, dim, T]
         base = z.view(-1, self.hops, self.n_mels) * self.prior_std + self.prior_mean  # z at corpus scale
         rows = base.view(z.shape) + self.rows(h)[0].T
@@ -168,19 +171,59 @@ class ListeningFrontEnd:
 
     left_context_samples = property(lambda self: self.mel.left_context_samples + self.context_frames * self.spf)
 
+    def streamer(self) -> ListeningStream:
+        """A stream's own front end: the same rows, each frame's log-mel computed once (``Session`` uses it)."""
+        return ListeningStream(self)
+
+    def span(self, start: int, stop: int) -> tuple[int, int]:
+        """Frames [lo, hi) whose log-mel rows the output rows [start, stop) depend on."""
+        return max(0, start - self.context_frames), stop + self.net.lookahead
+
     @torch.no_grad()
+    def rows(self, x: Tensor, lo: int, start: int, stop: int) -> Tensor:
+        """Output rows [start, stop) from the log-mel rows ``x`` of frames [lo, ``span``'s hi)."""
+        z = self.net.normalise(x)  # every frame the net reads below has its full history inside x
+        first = max(lo, start - self.net.receptive_left)  # the net reads nothing before this frame
+        # the convolutions zero-pad before `first`: before frame 0 that is the offline behaviour, and after it
+        # no returned frame reads that far back
+        rows, _, _ = self.net.heads(z[first - lo:])
+        return rows[start - first: stop - first]
+
     def features(self, pcm: Tensor, start: int, stop: int, offset: int = 0) -> Tensor:
         if stop <= start:
             return torch.zeros(0, self.dim)
-        lo = max(0, start - self.context_frames)
-        hi = stop + self.net.lookahead
-        x = self.mel.features(pcm, lo, hi, offset)  # rows of frames [lo, hi)
-        # the convolutions zero-pad before `lo`: before frame 0 that is the offline behaviour, and after it
-        # no returned frame reads that far back (context_frames covers the history and the receptive field)
-        rows, _, _ = self.net(x)
-        return rows[start - lo: stop - lo]
+        lo, hi = self.span(start, stop)
+        return self.rows(self.mel.features(pcm, lo, hi, offset), lo, start, stop)
 
     def offline(self, pcm) -> Tensor:
         x = check_pcm(pcm)
         n = -(-len(x) // self.spf)
         return self.features(x, 0, n)
+
+
+class ListeningStream:
+    """One stream's ListeningFrontEnd: keeps the log-mel rows of the frames later blocks still read, so each
+    frame's rows are computed once. Rows are requested for frames whose samples have all arrived (or at the
+    end of the stream), so a cached row never changes; a request that does not continue the cached span
+    starts it afresh."""
+
+    def __init__(self, fe: ListeningFrontEnd):
+        self.fe, self.dim, self.spf = fe, fe.dim, fe.spf
+        self.lookahead_samples, self.left_context_samples = fe.lookahead_samples, fe.left_context_samples
+        self.chunk_invariant = True
+        self.first, self.cached = 0, torch.zeros(0, fe.dim)  # log-mel rows of frames [first, first + len)
+
+    def frames_ready(self, n_samples: int) -> int:
+        return self.fe.frames_ready(n_samples)
+
+    def features(self, pcm: Tensor, start: int, stop: int, offset: int = 0) -> Tensor:
+        if stop <= start:
+            return torch.zeros(0, self.dim)
+        lo, hi = self.fe.span(start, stop)
+        end = self.first + len(self.cached)
+        if not self.first <= lo <= end:
+            self.first, self.cached, end = lo, self.cached[:0], lo
+        self.cached, self.first = self.cached[lo - self.first:], lo
+        if hi > end:
+            self.cached = torch.cat([self.cached, self.fe.mel.features(pcm, end, hi, offset)])
+        return self.fe.rows(self.cached[: hi - lo], lo, start, stop)
