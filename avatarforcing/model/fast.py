@@ -84,10 +84,13 @@ class FP8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         a = x.reshape(-1, self.in_features)
+        m = a.shape[0]
+        if x.is_cuda and m % 16:  # cuBLASLt's FP8 GEMM wants every dimension a multiple of 16
+            a = torch.nn.functional.pad(a, (0, 0, 0, 16 - m % 16))
         a_fp8, a_scale = quantise_rows(a)
         out_dtype = torch.bfloat16 if x.is_cuda else x.dtype  # rowwise scales on CUDA give bf16
         y = torch._scaled_mm(a_fp8, self.weight_fp8.t(), scale_a=a_scale, scale_b=self.weight_scale,
-                             out_dtype=out_dtype)
+                             out_dtype=out_dtype)[:m]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
