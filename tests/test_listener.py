@@ -1,6 +1,8 @@
 """Microphone augmentation and the listener front end: effects do what they say, streaming == offline,
 training runs, resumes and exports a model folder that loads."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -190,8 +192,9 @@ def test_train_listener_resumes_and_exports(tmp_path):
     report = train_listener(corpus, model_folder("mini"), tmp_path / "run", cfg, tcfg, progress=False,
                             export=tmp_path / "model")
     assert report["steps"] == 6
-    lines = (tmp_path / "run" / "listener.jsonl").read_text().splitlines()
-    assert lines  # logged
+    logs = [json.loads(line) for line in (tmp_path / "run" / "listener.jsonl").read_text().splitlines()]
+    assert any("injection_rel" in r for r in logs)  # judged by what the DiT receives
+    assert report["heldout"]["injection_rel_raw"] > 0 and "opening_r" in report["heldout"]
     av = Avatar.load(tmp_path / "model")
     assert isinstance(av.front_end, ListeningFrontEnd)
     mel = MelFrontEnd(cfg.codec)

@@ -40,6 +40,7 @@ class ListenerTrainConfig:
     opening_weight: float = 1.0
     injection_weight: float = 1.0  # what the DiT adds to its tokens from these rows, against clean speech's
     p_clean: float = 0.15  # examples with the level change only: clean speech must come back unchanged
+    ema_decay: float = 0.995  # averages over the last ~200 steps
     workers: int = 1
     seed: int = 0
 
@@ -204,7 +205,8 @@ def train_listener(corpus: str | Path | list, model_dir: str | Path, out: str | 
     net.prior_mean.copy_(mean)
     net.prior_std.copy_(std)
     loop = LoopConfig(steps=tcfg.steps, lr=tcfg.lr, betas=(0.9, 0.99), weight_decay=0.01, grad_clip=1.0,
-                      ema_decay=0.999, ema_start=100, log_every=20, save_every=100, seed=tcfg.seed)
+                      ema_decay=tcfg.ema_decay, ema_start=100, log_every=min(20, tcfg.steps), save_every=100,
+                      seed=tcfg.seed)
     trainer = Trainer("listener", net, out, loop, torch.device("cpu"))
     injection = Injection(model_dir, cfg)
     ex = Examples(train, cfg, tcfg)
