@@ -65,7 +65,8 @@ def _clip(args: tuple[int, int, float, int, tuple[str, ...]]) -> dict:
     pool can synthesise clips while the model runs)."""
     index, seed, seconds, size, synthesisers = args
     spec, real, audio, gt = make_clip("heldout", index, seed, seconds, size=size, synthesisers=synthesisers)
-    return {"name": spec.name, "real": real, "audio": audio, "gt": gt, "ref": reference_frame(spec, size)}
+    return {"name": spec.name, "voice": spec.voice, "real": real, "audio": audio, "gt": gt,
+            "ref": reference_frame(spec, size)}
 
 
 class _Clips:
@@ -164,7 +165,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                 acc["gen_s"][m] += time.perf_counter() - t0
                 for i, video in zip(idx, videos):
                     res = evaluate_video(nets, video, data[i]["audio"], data[i]["ref"], data[i]["gt"], lse_net)
-                    res.update(clip=data[i]["name"], mode=m)
+                    res.update(clip=data[i]["name"], voice=data[i]["voice"], mode=m)
                     acc["gen_f"][m].append(extractor.frames(video))
                     acc["gen_c"][m].append(extractor.clips(video))
                     acc["per_mode"][m].append(res)
@@ -173,6 +174,11 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
             result = _result(model, clips, first, done, frames, seed, modes, batch, device, extractor.name, acc,
                              time.perf_counter() - t_start)
             result["voices"] = list(voices)
+            if len(voices) > 1:  # the same scores per synthesiser (flite clips: the held-out real speaker)
+                result["by_synthesiser"] = {
+                    m: {syn: clip_summary(part) for syn in voices
+                        if (part := [r for r in rs if r.get("voice", "").startswith("flite:") == (syn == "flite")])}
+                    for m, rs in acc["per_mode"].items()}
             if json_path:
                 Path(json_path).parent.mkdir(parents=True, exist_ok=True)
                 text = json.dumps(result, indent=1)
