@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +224,9 @@ def train_listener(corpus: str | Path | list, model_dir: str | Path, out: str | 
         if pool:
             pool.terminate()
     trained = trainer.trained()
-    report = {"steps": trainer.step, "minutes": trainer.seconds / 60,
+    report = {"steps": trainer.step, "minutes": trainer.seconds / 60, "config": asdict(tcfg),
+              "corpora": [str(c) for c in (corpus if isinstance(corpus, (list, tuple)) else [corpus])],
+              "train_clips": len(train["audio"]), "heldout_clips": len(heldout["audio"]),
               "heldout": evaluate(trained, Examples(heldout, cfg, tcfg), injection=injection)}
     (out / "listener_eval.json").write_text(json.dumps(report, indent=1))
     if export:
