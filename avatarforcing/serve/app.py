@@ -721,7 +721,8 @@ def about(name: str) -> str:
         return ("mini: a 6M-parameter model trained for minutes on synthetic cartoon faces speaking espeak-ng "
                 "speech (128x128). The built-in identities are what it knows; an uploaded real photo becomes a "
                 "blurry, barely moving copy. Synthetic voices (typed text, the sample) move the mouth best; a "
-                "real voice through a microphone moves it much less.")
+                "real voice through a microphone (cleaned up by its listener) moves it with its loudness, less "
+                "precisely.")
     return f"{name}: see the model's documentation for what it was trained on."
 
 
