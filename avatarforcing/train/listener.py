@@ -120,12 +120,15 @@ class Injection(torch.nn.Module):
     def __init__(self, model_dir: str | Path, cfg: Config):
         super().__init__()
         from ..checkpoints import read_state_dict
-        from ..model import AvatarDiT
+        from ..model.layers import AudioPack
 
+        m = cfg.model
         sd = read_state_dict(Path(model_dir) / "model.safetensors")
-        dit = AvatarDiT(cfg.model)
-        self.pack = cfg.model.audio_pack
-        self.audio_proj, self.audio_cond_projs = dit.audio_proj, dit.audio_cond_projs
+        self.pack = m.audio_pack
+        # the DiT's own audio modules (same names as in AvatarDiT, so its weights load as they are)
+        self.audio_proj = AudioPack(m.audio_dim, m.audio_pack, m.audio_token_dim)
+        self.audio_cond_projs = torch.nn.ModuleList(torch.nn.Linear(m.audio_token_dim, m.dim)
+                                                    for _ in m.audio_block_ids())
         own = {k: v.float() for k, v in sd.items() if k.startswith(("audio_proj.", "audio_cond_projs."))}
         if len(own) != len(self.state_dict()):
             raise InputError(f"{model_dir}: the model has no audio path to adapt to (audio_proj / audio_cond_projs)")
