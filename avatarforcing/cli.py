@@ -268,6 +268,8 @@ def cmd_train(args) -> int:
 
     if args.stage == "listener":
         return _train_listener(args)
+    if args.stage == "robust":
+        return _train_robust(args)
     if args.stage == "syncnet":
         from .eval.nets import EVAL_WEIGHTS, train_eval_nets
 
@@ -292,6 +294,34 @@ def cmd_train(args) -> int:
         print(f"avatarforcing train: {e}")
         return 3
     print(f"train {args.stage}: done; cumulative seconds per stage: {times}")
+    return 0
+
+
+def _train_robust(args) -> int:
+    import dataclasses
+
+    import yaml
+
+    from .api import model_folder
+    from .train.recipe import SMOKE
+    from .train.robust import RobustConfig, run_robust
+
+    smoke = RobustConfig(versions=2, workers=0, recipe=dataclasses.replace(SMOKE, decoder_steps=2, sample_every=0))
+    rc = smoke if args.smoke else RobustConfig()
+    if args.config:
+        d = yaml.safe_load(Path(args.config).read_text()) or {}
+        rc = RobustConfig.from_dict({**dataclasses.asdict(rc), **d,
+                                     "recipe": {**dataclasses.asdict(rc.recipe), **d.get("recipe", {})}})
+    if not (Path(args.corpus) / "shards").is_dir():
+        raise AvatarForcingError(f"{args.corpus}: no corpus shards; run `avatarforcing data synth --out {args.corpus}`"
+                                 " for the train and heldout splits first")
+    try:
+        info = run_robust(args.corpus, model_folder(args.model), args.out, args.device, rc, export_to=args.export,
+                          minutes=args.minutes)
+    except TimeoutError as e:
+        print(f"avatarforcing train: {e}")
+        return 3
+    print(json.dumps(info, indent=1))
     return 0
 
 
@@ -470,11 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_args(v)
     v.set_defaults(func=cmd_serve)
 
-    t = sub.add_parser("train", help="training stages: vae, teacher, ode-generate, ode, dmd, recipe, listener",
+    t = sub.add_parser("train", help="training stages: vae, teacher, ode-generate, ode, dmd, recipe, listener, robust",
                        description="Run the mini recipe up to a stage (earlier stages are resumed or reused). "
                                    "Every stage checkpoints atomically in --out and resumes where it stopped.")
-    t.add_argument("stage", choices=["vae", "teacher", "ode-generate", "ode", "dmd", "recipe", "syncnet", "listener"])
-    t.add_argument("--model", default="mini", help="listener: the model whose audio rows it learns to give back")
+    t.add_argument("stage", choices=["vae", "teacher", "ode-generate", "ode", "dmd", "recipe", "syncnet", "listener",
+                                     "robust"])
+    t.add_argument("--model", default="mini", help="listener: the model whose audio rows it learns to give back; "
+                                                   "robust: the model to fine-tune")
     t.add_argument("--corpus", default="data/corpus", help="corpus folder from `avatarforcing data synth` (listener: "
                                                            "several, comma-separated)")
     t.add_argument("--out", default="runs/mini", help="checkpoints, logs (JSONL) and intermediate data")

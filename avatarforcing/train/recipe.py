@@ -1,6 +1,7 @@
 """The mini recipe, stage by stage, each resumable (checkpoints in OUT/<stage>.ckpt, done-markers):
 
   1. vae        mini VAE on the corpus (frames in [-1, 1], 9-frame windows)
+     decoder    (optional) the decoder fine-tuned with the encoder frozen: better pixels, the same latents
   2. latents    the corpus encoded once: latents [clips, 1+n, C, h, w] + anchored mel rows (fp16 npz);
                 later stages read only this (small enough to move to a GPU machine)
   3. teacher    bidirectional flow matching over 1 + 8 latent frames, audio dropout for CFG
@@ -59,6 +60,9 @@ class RecipeConfig:
     ode_steps: int = 3000
     ode_accum: int = 4
     ode_lr: float = 1e-4
+    decoder_steps: int = 0  # the optional decoder stage (encoder frozen)
+    decoder_batch: int = 16
+    decoder_lr: float = 3e-4
     dmd_steps: int = 300
     dmd_lr: float = 2e-5
     critic_lr: float = 1e-4
@@ -173,14 +177,51 @@ def stage_vae(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, device, dea
     steps = _check_finished(tr, r.vae_steps, "vae", budget)
     vae.eval()
     set_latent_stats(vae, ds, device)
-    held = CorpusDataset(corpus, "heldout", window_frames=33, stride=200)
-    scores = [psnr(vae, held[i]["frames"][None].to(device)) for i in range(min(16, len(held)))]
-    info = {**steps, "psnr_db": float(np.mean([s[0] for s in scores])),
-            "mouth_psnr_db": float(np.mean([s[1] for s in scores])),
-            "heldout_windows": len(scores)}
+    info = {**steps, **heldout_psnr(vae, corpus, device)}
     _save_tensors(vae.state_dict(), out / "vae.safetensors")
     _mark(out, "vae", info)
     return vae
+
+
+def heldout_psnr(vae: MiniVAE, corpus: Path, device, windows: int = 16) -> dict:
+    """Mean whole-frame and mouth-region PSNR (dB) over up to ``windows`` 33-frame held-out windows."""
+    held = CorpusDataset(corpus, "heldout", window_frames=33, stride=200)
+    scores = [psnr(vae, held[i]["frames"][None].to(device)) for i in range(min(windows, len(held)))]
+    return {"psnr_db": float(np.mean([s[0] for s in scores])),
+            "mouth_psnr_db": float(np.mean([s[1] for s in scores])), "heldout_windows": len(scores)}
+
+
+def stage_decoder(corpus: Path, out: Path, r: RecipeConfig, vae: MiniVAE, device, deadline=None) -> MiniVAE:
+    """Fine-tune the decoder with the encoder frozen: the latents (and every DiT trained on them) stay valid,
+    the pixels get better. Held-out PSNR before and after goes in ``decoder.done``."""
+    if _done(out, "decoder"):
+        load_into(vae, read_state_dict(out / "decoder.safetensors"), str(out / "decoder.safetensors"))
+        return vae.eval()
+    before = heldout_psnr(vae.eval(), corpus, device)
+    ds = CorpusDataset(corpus, "train", window_frames=9, stride=4)
+    vae.encoder.requires_grad_(False)
+    tr = Trainer("decoder", vae, out, LoopConfig(steps=r.decoder_steps, lr=r.decoder_lr, seed=r.seed + 5,
+                                                ema_decay=0.995, ema_start=50, save_every=500, log_every=20),
+                 device, params=vae.decoder.parameters())
+    vae.train()
+    vae = _train_stage(tr, lambda step, micro, gen: vae_loss(
+        vae, batch(ds, gen, r.decoder_batch, device)["frames"], train_encoder=False),
+        r, "decoder", r.decoder_steps, out, "decoder.safetensors", vae, deadline).eval()
+    info = json.loads((out / "decoder.done").read_text())
+    info.update({**heldout_psnr(vae, corpus, device), "psnr_db_before": before["psnr_db"],
+                 "mouth_psnr_db_before": before["mouth_psnr_db"], "encoder": "frozen (latents unchanged)"})
+    _mark(out, "decoder", info)
+    return vae
+
+
+def latent_clips(corpus: Path, cfg: Config, r: RecipeConfig) -> list[tuple[Path, int, int]]:
+    """The train clips the latents stage encodes, in its order: (shard folder, clip index, video frames)."""
+    out = []
+    for d in sorted((corpus / "shards").glob("train-*")):
+        n, t = np.load(d / "frames.npy", mmap_mode="r").shape[:2]
+        t = int(r.latent_seconds * cfg.codec.fps) if r.latent_seconds else t
+        out += [(d, c, t // 4 * 4) for c in range(n)]
+    return out[: r.latent_clips] if r.latent_clips else out
 
 
 @torch.no_grad()
@@ -192,36 +233,28 @@ def stage_latents(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, vae, de
     if path.exists():
         return path
     fe = make_front_end(cfg.codec, r.audio_model)
-    seconds = r.latent_seconds or None
-    shards = sorted((corpus / "shards").glob("train-*"))
-    total = sum(np.load(d / "frames.npy", mmap_mode="r").shape[0] for d in shards)
-    bar = tqdm(total=min(total, r.latent_clips or total), desc="latents", unit="clip")
+    clips = latent_clips(corpus, cfg, r)
     lats, rows = [], []
-    for d in shards:
-        frames = np.load(d / "frames.npy", mmap_mode="r")
-        audio = np.load(d / "audio.npy", mmap_mode="r")
-        refs = np.load(d / "references.npy", mmap_mode="r")
-        for c in range(frames.shape[0]):
-            t = frames.shape[1] if not seconds else int(seconds * cfg.codec.fps)
-            t = t // 4 * 4
-            fr = torch.from_numpy(np.array(frames[c, :t])).permute(3, 0, 1, 2).float()[None] / 127.5 - 1
-            ref = torch.from_numpy(np.array(refs[c])).permute(2, 0, 1).float()[None] / 127.5 - 1
-            lats.append(encode(vae, fr.to(device), ref.to(device))[0].cpu().half().numpy())
-            a = torch.from_numpy(np.array(audio[c, : t * cfg.codec.samples_per_frame]))
-            rows.append(audio_rows(fe, a[None], cfg.model.audio_pack, "cpu")[0].half().numpy())
-            bar.update(1)
-            if r.latent_clips and len(lats) >= r.latent_clips:
-                break
-        if r.latent_clips and len(lats) >= r.latent_clips:
-            break
-    bar.close()
+    for shard, c, t in tqdm(clips, desc="latents", unit="clip"):
+        frames = np.load(shard / "frames.npy", mmap_mode="r")
+        refs = np.load(shard / "references.npy", mmap_mode="r")
+        audio = np.load(shard / "audio.npy", mmap_mode="r")
+        fr = torch.from_numpy(np.array(frames[c, :t])).permute(3, 0, 1, 2).float()[None] / 127.5 - 1
+        ref = torch.from_numpy(np.array(refs[c])).permute(2, 0, 1).float()[None] / 127.5 - 1
+        lats.append(encode(vae, fr.to(device), ref.to(device))[0].cpu().half().numpy())
+        a = torch.from_numpy(np.array(audio[c, : t * cfg.codec.samples_per_frame]))
+        rows.append(audio_rows(fe, a[None], cfg.model.audio_pack, "cpu")[0].half().numpy())
 
+    _atomic_npz(path, latents=np.stack(lats), rows=np.stack(rows))
+    return path
+
+
+def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez(f, latents=np.stack(lats), rows=np.stack(rows))
+            np.savez(f, **arrays)
 
     atomic_write(path, write)
-    return path
 
 
 class LatentClips:
@@ -233,16 +266,27 @@ class LatentClips:
         self.rows = torch.from_numpy(data["rows"]).float()  # [clips, 1+N, pack, D]
         self.n, self.device = n, device
 
-    def sample(self, gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(self, gen: torch.Generator, b: int) -> list[tuple[int, int]]:
+        """b random (clip, first latent frame after the reference) pairs."""
         clips = torch.randint(len(self.lat), (b,), generator=gen)
-        total = self.lat.shape[2] - 1
-        starts = torch.randint(0, total - self.n + 1, (b,), generator=gen)
-        lat, rows = [], []
-        for c, s in zip(clips.tolist(), starts.tolist()):
-            x = self.lat[c]
-            lat.append(torch.cat([x[:, :1], x[:, 1 + s: 1 + s + self.n]], 1))
-            rows.append(torch.cat([self.rows[c, :1], self.rows[c, 1 + s: 1 + s + self.n]], 0))
-        return torch.stack(lat).to(self.device), torch.stack(rows).to(self.device)
+        starts = torch.randint(0, self.lat.shape[2] - 1 - self.n + 1, (b,), generator=gen)
+        return list(zip(clips.tolist(), starts.tolist()))
+
+    def crop(self, seq: torch.Tensor, s: int, dim: int) -> torch.Tensor:
+        """The reference entry and the n entries from ``s`` along ``dim`` (latent frames or rows)."""
+        return torch.cat([seq.narrow(dim, 0, 1), seq.narrow(dim, 1 + s, self.n)], dim)
+
+    def sample(self, gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = self.pick(gen, b)
+        lat = torch.stack([self.crop(self.lat[c], s, 1) for c, s in picks])
+        rows = torch.stack([self.crop(self.rows[c], s, 0) for c, s in picks])
+        return lat.to(self.device), rows.to(self.device)
+
+    def sample_heard(self, gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents, the rows the teacher hears, the rows the student hears): here the same rows;
+        ``robust.HeardClips`` gives the student the listener's rows of microphone-augmented speech."""
+        lat, rows = self.sample(gen, b)
+        return lat, rows, rows
 
 
 def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, device, deadline=None,
@@ -268,7 +312,9 @@ def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, de
 @torch.no_grad()
 def stage_ode_generate(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teacher: AvatarDiT,
                        device) -> Path:
-    """Trajectories at exactly the student's window levels (they lie on the teacher's grid) + endpoints."""
+    """Trajectories at exactly the student's window levels (they lie on the teacher's grid) + endpoints.
+
+    The teacher hears the clean rows; the stored rows are the student's input (``sample_heard``)."""
     from safetensors.torch import load_file
 
     path = out / "ode.safetensors"
@@ -282,12 +328,12 @@ def stage_ode_generate(out: Path, cfg: Config, r: RecipeConfig, data: LatentClip
         part = out / f"ode-part{k // per:04d}.safetensors"  # resumable parts
         if not part.exists():
             gen = step_generator(r.seed + 7, k)
-            lat, rows = data.sample(gen, min(per, r.ode_samples - k))
+            lat, rows, heard = data.sample_heard(gen, min(per, r.ode_samples - k))
             clean, kept = teacher_sample(teacher, cfg, lat[:, :, :1], rows, data.n, gen, s.teacher_steps,
                                          s.guidance, levels)
             if set(kept) != set(levels):
                 raise RuntimeError(f"teacher grid misses student levels: {sorted(set(levels) - set(kept))}")
-            t = {"ref": lat[:, :, :1], "rows": rows, "clean": clean}
+            t = {"ref": lat[:, :, :1], "rows": heard, "clean": clean}  # rows: the student's input
             for j, lv in enumerate(levels):
                 t[f"state{j}"] = kept[lv]
             _save_tensors(t, part)
@@ -299,14 +345,16 @@ def stage_ode_generate(out: Path, cfg: Config, r: RecipeConfig, data: LatentClip
 
 
 def stage_ode(out: Path, cfg: Config, r: RecipeConfig, ode_path: Path, teacher: AvatarDiT, device,
-              deadline=None, vae: MiniVAE | None = None, data: LatentClips | None = None) -> AvatarDiT:
+              deadline=None, vae: MiniVAE | None = None, data: LatentClips | None = None,
+              init: AvatarDiT | None = None) -> AvatarDiT:
+    """Stage 1 from ``init`` (default: the teacher; a fine-tune starts from a trained student)."""
     from safetensors.torch import load_file
 
     student = AvatarDiT(cfg.model).to(device)
     if _done(out, "ode"):
         load_into(student, read_state_dict(out / "ode.student.safetensors"), "ode")
         return student
-    student.load_state_dict(teacher.state_dict())  # initialised from the teacher
+    student.load_state_dict((init or teacher).state_dict())
     traj = {k: v.to(device) for k, v in load_file(str(ode_path)).items()}
     n = traj["ref"].shape[0]
     L = cfg.stream.window_blocks
@@ -340,9 +388,9 @@ def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teache
                  device, extra={"critic": critic}, extra_optims={"critic": copt})
 
     def step(s, micro, gen):
-        lat, rows = data.sample(gen, 1)
+        lat, rows, heard = data.sample_heard(gen, 1)
         rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
-        sample = {"ref": lat[:, :, :1], "rows": rows}
+        sample = {"ref": lat[:, :, :1], "rows": heard, "score_rows": rows}
         loss, (x, xrows), logs = dmd_loss(student, teacher, critic, cfg, sample, gen, rng)
         for _ in range(r.critic_updates):  # the fake score follows the student's current samples
             copt.zero_grad(set_to_none=True)

@@ -51,9 +51,12 @@ def sample_sigma(gen: torch.Generator, n: int, shift: float, lo: float = 0.0, hi
 # ---------------------------------------------------------------------------- VAE
 
 
-def vae_loss(vae: MiniVAE, frames: Tensor) -> tuple[Tensor, dict]:
-    """Reconstruction (L1 + MSE), image gradients (edges), the mouth region weighted x4, latent L2."""
-    z = vae.encode_video(frames)
+def vae_loss(vae: MiniVAE, frames: Tensor, train_encoder: bool = True) -> tuple[Tensor, dict]:
+    """Reconstruction (L1 + MSE), image gradients (edges), the mouth region weighted x4, latent L2.
+
+    ``train_encoder=False``: the latents are fixed (no gradient reaches the encoder): a decoder fine-tune."""
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        z = vae.encode_video(frames)
     rec = vae.decode_unclamped(z)
     h, w = frames.shape[-2:]
     weight = torch.ones(1, 1, 1, h, w, device=frames.device)
@@ -251,10 +254,11 @@ def score_x0(model: AvatarDiT, cfg: Config, ref_lat: Tensor, x_t: Tensor, sigma:
 
 
 def rollout_sample(student: AvatarDiT, cfg: Config, ref_lat: Tensor, rows: Tensor, gen: torch.Generator,
-                   rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+                   rng: np.random.Generator) -> tuple[Tensor, slice]:
     """Roll the student out with the real engine; keep the graph of one random full-window step.
 
-    Returns (x: the window's x0 prediction at that step [1, C, F, h, w], its audio rows [1, F, pack, D])."""
+    Returns (x: the window's x0 prediction at that step [1, C, F, h, w], the window's rows in ``rows``:
+    ``rows[:, win]`` is [1, F, pack, D])."""
     s = cfg.stream
     B = s.block_frames
     n_blocks = (rows.shape[1] - 1) // B
@@ -266,8 +270,7 @@ def rollout_sample(student: AvatarDiT, cfg: Config, ref_lat: Tensor, rows: Tenso
         sampler.push(block_rows, grad=(i == k))
     x = sampler.last_x0  # the window of that step: blocks lo..k
     lo = k - len(sampler.last_levels) + 1
-    win_rows = rows[:, 1 + lo * B: 1 + (k + 1) * B]
-    return x, win_rows
+    return x, slice(1 + lo * B, 1 + (k + 1) * B)
 
 
 def critic_loss(critic: AvatarDiT, cfg: Config, ref_lat: Tensor, x: Tensor, rows: Tensor,
@@ -285,8 +288,13 @@ def critic_loss(critic: AvatarDiT, cfg: Config, ref_lat: Tensor, x: Tensor, rows
 
 def dmd_loss(student: AvatarDiT, teacher: AvatarDiT, critic: AvatarDiT, cfg: Config, sample: dict,
              gen: torch.Generator, rng: np.random.Generator) -> tuple[Tensor, Tensor, dict]:
-    """(generator loss, the detached sample and its rows for critic updates, logs)."""
-    x, rows = rollout_sample(student, cfg, sample["ref"], sample["rows"], gen, rng)
+    """(generator loss, the detached sample and its rows for critic updates, logs).
+
+    The student rolls out on ``sample["rows"]`` (what it hears); the real and fake scores judge the window
+    on ``sample["score_rows"]`` when given (robust distillation: the clean speech's rows, train/robust.py),
+    else on the same rows."""
+    x, win = rollout_sample(student, cfg, sample["ref"], sample["rows"], gen, rng)
+    rows = sample.get("score_rows", sample["rows"])[:, win]
     t = cfg.train
     sigma = float(sample_sigma(gen, 1, cfg.stream.shift, t.min_score_t / 1000, t.max_score_t / 1000))
     eps = torch.randn(x.shape, generator=gen).to(x.device)
