@@ -188,9 +188,9 @@ def run_robust(corpus: str | Path, model_dir: str | Path, out: str | Path, devic
     times["heard"] = time.time() - t0
     data = HeardClips(out / "latents.npz", heard, r.clip_latents, dev)
     teacher.requires_grad_(False).eval()
-    stage_ode_generate(out, cfg, r, data, teacher, dev)
-    times["ode-gen"] = time.time() - t0
     if r.ode_steps:
+        stage_ode_generate(out, cfg, r, data, teacher, dev)
+        times["ode-gen"] = time.time() - t0
         student = stage_ode(out, cfg, r, out / "ode.safetensors", teacher, dev, deadline, data=data, init=student)
         times["ode"] = time.time() - t0
     if r.dmd_steps:
