@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoints import DTYPES, load_into, load_model, read_state_dict
+from .checkpoints import DTYPES, load_model
 from .codecs.audio import check_pcm, make_front_end
 from .codecs.text import Prompts
 from .codecs.vae import MiniVAE
@@ -119,9 +119,7 @@ class Avatar:
                                  f"{path / 'Wan2.1_VAE.pth'}")
             vae = WanVAE.load(src, device, dt)
         else:
-            vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim)
-            load_into(vae, {k: v.float() for k, v in read_state_dict(path / "vae.safetensors").items()},
-                      str(path / "vae.safetensors"))
+            vae = MiniVAE.load(path / "vae.safetensors", cfg.model.latent_channels, cfg.codec.vae_base_dim)
             vae = vae.to(device, dt)
         teacher = None
         if (path / "teacher.safetensors").is_file():

@@ -8,6 +8,7 @@ stream decoded block by block equals the full decode.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -49,6 +50,15 @@ class MiniVAE(nn.Module):
 
     spatial_stride = 8
     temporal_stride = 4
+
+    @classmethod
+    def load(cls, path: str | Path, latent_channels: int, width: int) -> MiniVAE:
+        """A model folder's ``vae.safetensors`` (any float dtype) as a float32 MiniVAE on the CPU."""
+        from ..checkpoints import load_into, read_state_dict
+
+        vae = cls(latent_channels, width)
+        load_into(vae, {k: v.float() for k, v in read_state_dict(path).items()}, str(path))
+        return vae
 
     def __init__(self, latent_channels: int = 8, width: int = 32):
         super().__init__()

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -234,16 +235,19 @@ def stage_latents(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, vae, de
         return path
     fe = make_front_end(cfg.codec, r.audio_model)
     clips = latent_clips(corpus, cfg, r)
+    bar = tqdm(total=len(clips), desc="latents", unit="clip")
     lats, rows = [], []
-    for shard, c, t in tqdm(clips, desc="latents", unit="clip"):
-        frames = np.load(shard / "frames.npy", mmap_mode="r")
-        refs = np.load(shard / "references.npy", mmap_mode="r")
-        audio = np.load(shard / "audio.npy", mmap_mode="r")
-        fr = torch.from_numpy(np.array(frames[c, :t])).permute(3, 0, 1, 2).float()[None] / 127.5 - 1
-        ref = torch.from_numpy(np.array(refs[c])).permute(2, 0, 1).float()[None] / 127.5 - 1
-        lats.append(encode(vae, fr.to(device), ref.to(device))[0].cpu().half().numpy())
-        a = torch.from_numpy(np.array(audio[c, : t * cfg.codec.samples_per_frame]))
-        rows.append(audio_rows(fe, a[None], cfg.model.audio_pack, "cpu")[0].half().numpy())
+    for shard, group in groupby(clips, key=lambda clip: clip[0]):  # clips come shard by shard
+        frames, refs, audio = (np.load(shard / f"{name}.npy", mmap_mode="r")
+                               for name in ("frames", "references", "audio"))
+        for _, c, t in group:
+            fr = torch.from_numpy(np.array(frames[c, :t])).permute(3, 0, 1, 2).float()[None] / 127.5 - 1
+            ref = torch.from_numpy(np.array(refs[c])).permute(2, 0, 1).float()[None] / 127.5 - 1
+            lats.append(encode(vae, fr.to(device), ref.to(device))[0].cpu().half().numpy())
+            a = torch.from_numpy(np.array(audio[c, : t * cfg.codec.samples_per_frame]))
+            rows.append(audio_rows(fe, a[None], cfg.model.audio_pack, "cpu")[0].half().numpy())
+            bar.update(1)
+    bar.close()
 
     _atomic_npz(path, latents=np.stack(lats), rows=np.stack(rows))
     return path
@@ -276,11 +280,14 @@ class LatentClips:
         """The reference entry and the n entries from ``s`` along ``dim`` (latent frames or rows)."""
         return torch.cat([seq.narrow(dim, 0, 1), seq.narrow(dim, 1 + s, self.n)], dim)
 
-    def sample(self, gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = self.pick(gen, b)
+    def take(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The picked windows' latents [b, C, 1 + n, h, w] and rows [b, 1 + n, pack, D] on the device."""
         lat = torch.stack([self.crop(self.lat[c], s, 1) for c, s in picks])
         rows = torch.stack([self.crop(self.rows[c], s, 0) for c, s in picks])
         return lat.to(self.device), rows.to(self.device)
+
+    def sample(self, gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.take(self.pick(gen, b))
 
     def sample_heard(self, gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents, the rows the teacher hears, the rows the student hears): here the same rows;

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing as mp
 import shutil
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import load_into, load_model, read_state_dict, save_model
+from ..checkpoints import load_model, save_model
 from ..codecs.listener import ListeningFrontEnd
 from ..codecs.vae import MiniVAE
 from ..config import Config
@@ -46,6 +49,7 @@ from .recipe import (
     RecipeConfig,
     _atomic_npz,
     _done,
+    _save_tensors,
     latent_clips,
     stage_decoder,
     stage_dmd,
@@ -85,8 +89,7 @@ class HeardSpeech:
 
     @property
     def fe(self) -> ListeningFrontEnd:
-        if self._fe is None:
-            torch.set_num_threads(1)
+        if self._fe is None:  # built where it runs (a worker process gets the pickled maker without it)
             self._fe = ListeningFrontEnd.load(self.cfg.codec, self.listener_path)
         return self._fe
 
@@ -115,21 +118,13 @@ def stage_heard(corpus: Path, out: Path, cfg: Config, rc: RobustConfig, listener
         return path
     jobs = [(i, d, c, t) for i, (d, c, t) in enumerate(latent_clips(corpus, cfg, rc.recipe))]
     make = HeardSpeech(cfg, listener_path, rc.versions, rc.microphone, rc.recipe.seed + 11)
-    bar = tqdm(total=len(jobs), desc="heard rows", unit="clip")
-    if rc.workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(rc.workers) as pool:  # spawn: the parent may hold a CUDA context
-            heard = []
-            for h in pool.imap(make, jobs, chunksize=2):
-                heard.append(h)
-                bar.update(1)
-    else:
-        heard = []
-        for job in jobs:
-            heard.append(make(job))
-            bar.update(1)
-    bar.close()
+    with ExitStack() as stack:
+        if rc.workers > 1:  # spawn: the parent may hold a CUDA context; one thread each: the workers are the cores
+            pool = stack.enter_context(mp.get_context("spawn").Pool(rc.workers, torch.set_num_threads, (1,)))
+            made = pool.imap(make, jobs, chunksize=2)
+        else:
+            made = map(make, jobs)
+        heard = list(tqdm(made, total=len(jobs), desc="heard rows", unit="clip"))
     _atomic_npz(path, heard=np.stack(heard))
     return path
 
@@ -147,25 +142,19 @@ class HeardClips(LatentClips):
     def sample_heard(self, gen: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         picks = self.pick(gen, b)
         versions = torch.randint(self.heard.shape[1], (b,), generator=gen).tolist()
-        lat = torch.stack([self.crop(self.lat[c], s, 1) for c, s in picks])
-        rows = torch.stack([self.crop(self.rows[c], s, 0) for c, s in picks])
+        lat, rows = self.take(picks)
         heard = torch.stack([self.crop(self.heard[c, v], s, 0) for (c, s), v in zip(picks, versions)])
-        return lat.to(self.device), rows.to(self.device), heard.to(self.device)
+        return lat, rows, heard.to(self.device)
 
 
 def load_vae(folder: Path, cfg: Config, device) -> MiniVAE:
-    vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim)
-    load_into(vae, {k: v.float() for k, v in read_state_dict(folder / "vae.safetensors").items()},
-              str(folder / "vae.safetensors"))
-    return vae.to(device).eval()
+    return MiniVAE.load(folder / "vae.safetensors", cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device).eval()
 
 
 def run_robust(corpus: str | Path, model_dir: str | Path, out: str | Path, device: str = "cpu",
                rc: RobustConfig | None = None, export_to: str | Path | None = None,
                minutes: float | None = None) -> dict:
     """The stages above; returns what ``training.json`` records of this run."""
-    import time
-
     rc = rc or RobustConfig()
     r = rc.recipe
     folder, out, corpus, dev = Path(model_dir), Path(out), Path(corpus), torch.device(device)
@@ -213,13 +202,10 @@ def export(folder: Path, cfg: Config, student, vae: MiniVAE, dest: Path, info: d
     """A model folder: the new student and VAE; teacher and listener copied; training.json extended."""
     dest.mkdir(parents=True, exist_ok=True)
     save_model(student.cpu().float(), cfg, dest, dtype="fp16")
-    for name in ("teacher.safetensors", "listener.safetensors"):
-        if folder.resolve() != dest.resolve():
+    if folder.resolve() != dest.resolve():
+        for name in ("teacher.safetensors", "listener.safetensors"):
             shutil.copy2(folder / name, dest / name)
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()},
-              str(dest / "vae.safetensors"))
+    _save_tensors(vae.state_dict(), dest / "vae.safetensors")  # float32, as trained
     old = folder / "training.json"
     training = json.loads(old.read_text()) if old.is_file() else {}
     training["robust"] = info
