@@ -153,10 +153,18 @@ class Avatar:
         return None if ctx is None else ctx.to(self.device, self.dtype).expand(streams, -1, -1)
 
     def load_audio(self, audio) -> np.ndarray:
-        """A file (or bytes) at the model's rate with the configured resampler; arrays pass through."""
+        """A file (or bytes) at the model's rate with the configured resampler; arrays (mono float PCM at the
+        model's rate) are checked and pass through. At least one video frame of audio is needed."""
         if isinstance(audio, np.ndarray):
-            return audio
-        return load_audio(audio, self.cfg.codec.sample_rate, self.cfg.codec.resampler)
+            name, pcm = "audio", check_pcm(audio).numpy()
+        else:
+            name = str(audio) if isinstance(audio, str | Path) else "audio"
+            pcm = load_audio(audio, self.cfg.codec.sample_rate, self.cfg.codec.resampler)
+        spf, rate = self.cfg.codec.samples_per_frame, self.cfg.codec.sample_rate
+        if len(pcm) < spf:
+            raise InputError(f"{name}: the audio is {1000 * len(pcm) / rate:.1f} ms long; one video frame needs "
+                             f"{1000 * spf / rate:.0f} ms")
+        return pcm
 
     def session(self, image, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None,
                 prompt: str | None = None, prompt_embeds=None) -> Session:

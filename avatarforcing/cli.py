@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import AvatarForcingError
+from .errors import AvatarForcingError, InputError
 
 ABLATIONS = ("style-anchor", "rope-reindex", "audio-zero-pad", "temporal-anchor")
 
@@ -394,15 +394,19 @@ def cmd_eval(args) -> int:
     from .data.audio import load_audio
     from .data.image import load_image
     from .data.video import read_video
-    from .eval.metrics import evaluate_video
+    from .eval.metrics import MIN_FLOOR_S, RATE, evaluate_video
     from .eval.nets import load_eval_nets
 
     frames, fps, own_audio = read_video(args.video)
     if abs(fps - 25) > 0.01:
         raise AvatarForcingError(f"{args.video}: {fps:.2f} fps; the metrics expect 25 fps")
-    audio = load_audio(args.audio) if args.audio else own_audio
+    audio = load_audio(args.audio, RATE) if args.audio else own_audio
     if audio is None:
         raise AvatarForcingError(f"{args.video}: no audio track; pass --audio")
+    video_s, audio_s = len(frames) / fps, len(audio) / RATE
+    if abs(video_s - audio_s) > 1.0:
+        print(f"note: the video is {video_s:.1f} s, its audio {audio_s:.1f} s; the metrics use the first "
+              f"{min(video_s, audio_s):.1f} s of both", file=sys.stderr)
     ref = None
     if args.reference:
         ref = np.asarray(load_image(args.reference).resize(frames.shape[2:0:-1]))
@@ -411,8 +415,14 @@ def cmd_eval(args) -> int:
         from .eval.syncnet_v2 import load_syncnet_v2
 
         lse_net = load_syncnet_v2(args.syncnet_v2, args.device)
-    res = evaluate_video(load_eval_nets(nets_dir).to(args.device), frames, audio, ref, syncnet_v2=lse_net,
-                         floors=True)
+    try:
+        res = evaluate_video(load_eval_nets(nets_dir).to(args.device), frames, audio, ref, syncnet_v2=lse_net,
+                             floors=True)
+    except InputError as e:
+        raise InputError(f"{args.video}: {e}") from None
+    if "sync_c_floor95" not in res:
+        print(f"note: {res['frames'] / fps:.1f} s is too short for loudness sync and the floors (they need "
+              f"{MIN_FLOOR_S} s); not reported", file=sys.stderr)
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:

@@ -137,3 +137,16 @@ def test_sync_c_of_the_own_audio_is_above_its_shifted_floor(nets, clip):
     _, frames, audio, _ = clip
     floor = sync_floor(nets, frames, audio, shifts=5)
     assert sync(nets, frames, audio)["sync_c"] > floor["sync_c_floor95"] > 0
+
+
+def test_evaluate_video_refuses_clips_too_short_for_its_metrics(nets, clip):
+    from avatarforcing.errors import InputError
+    from avatarforcing.eval.metrics import evaluate_video
+
+    _, frames, audio, _ = clip
+    with pytest.raises(InputError, match="cover 0.80 s; the metrics need at least 1 s"):
+        evaluate_video(nets, frames[:20], audio)
+    with pytest.raises(InputError, match="cover 0.40 s"):
+        evaluate_video(nets, frames, audio[: 16000 * 2 // 5])
+    short = evaluate_video(nets, frames[:75], audio, floors=True)  # 3 s: Sync-C, no loudness sync, no floors
+    assert "sync_c" in short and "loudness_r" not in short and "sync_c_floor95" not in short

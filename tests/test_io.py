@@ -93,6 +93,12 @@ def test_audio_bad_inputs(tmp_path):
     sf.write(buf, np.zeros((0,), np.float32), 16000, format="WAV")
     with pytest.raises(InputError, match="zero samples"):
         load_audio(buf.getvalue())
+    damaged = np.zeros(4800, np.float32)
+    damaged[2400] = np.nan
+    damaged[2401] = np.inf
+    sf.write(tmp_path / "damaged.wav", damaged, 48000, subtype="FLOAT")
+    with pytest.raises(InputError, match=r"damaged.wav: 2 samples are NaN or infinite \(first at 0.050 s\)"):
+        load_audio(tmp_path / "damaged.wav")
 
 
 def test_image_load_exif_and_rules(tmp_path):

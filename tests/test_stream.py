@@ -209,3 +209,21 @@ def test_batch_generation_pads_short_audio_and_trims_its_video():
     assert [len(v) for v in out] == [25, 10]
     with pytest.raises(Exception, match="as many"):
         av.generate_batch([_image()], pcms, [0, 1])
+
+
+def test_whole_audio_inputs_are_checked_before_the_model_runs():
+    """Arrays and files that cannot make a video get a specific error, never an empty or black video."""
+    from avatarforcing.errors import InputError
+
+    av = _avatar()
+    spf = av.cfg.codec.samples_per_frame
+    with pytest.raises(InputError, match="ms long; one video frame needs"):
+        av.generate(_image(), np.zeros(spf - 1, np.float32))
+    bad = np.zeros(4 * spf, np.float32)
+    bad[spf] = np.nan
+    with pytest.raises(InputError, match=f"1 of {4 * spf} samples are NaN or infinite \\(first at sample {spf}\\)"):
+        av.generate(_image(), bad)
+    s = av.session(_image())
+    with pytest.raises(InputError, match="audio chunk: 1 of"):
+        s.push(bad)
+    assert len(av.generate(_image(), np.zeros(spf, np.float32))) == 1

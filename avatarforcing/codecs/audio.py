@@ -36,6 +36,10 @@ def check_pcm(pcm: np.ndarray | Tensor, name: str = "audio") -> Tensor:
         raise InputError(f"{name}: expected mono PCM as a 1-D array, got shape {tuple(x.shape)}")
     if not torch.is_floating_point(x):
         raise InputError(f"{name}: expected float PCM in [-1, 1], got dtype {x.dtype}")
+    bad = ~torch.isfinite(x)
+    if bad.any():  # one NaN would spread through the features and turn every later frame black
+        raise InputError(f"{name}: {int(bad.sum())} of {x.numel()} samples are NaN or infinite "
+                         f"(first at sample {int(bad.nonzero()[0, 0])})")
     return x.float()
 
 

@@ -33,6 +33,10 @@ def load_audio(source: AudioSource, sample_rate: int = 16000, resampler: str = "
         samples = samples.mean(axis=1)
     if samples.size == 0:
         raise InputError(f"{name}: the audio is empty (zero samples)")
+    bad = ~np.isfinite(samples)
+    if bad.any():
+        raise InputError(f"{name}: {int(bad.sum())} samples are NaN or infinite (first at "
+                         f"{np.argmax(bad) / rate:.3f} s): the file is damaged")
     if resampler == "sinc_hann":
         return resample_sinc_hann(samples.astype(np.float32), rate, sample_rate)
     if resampler != "kaiser":

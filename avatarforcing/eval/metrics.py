@@ -13,9 +13,12 @@ import torch
 
 from ..codecs.audio import MelFrontEnd
 from ..config import preset
+from ..errors import InputError
 from .nets import face_crop, mouth_crop, sync_scores
 
 FPS = 25
+RATE = 16000  # audio samples per second, as the eval nets and mini hear it
+MIN_FLOOR_S = 4  # seconds a time-shifted floor needs (shifts of at least 1 s, not past the end)
 
 
 def _device(nets) -> torch.device:
@@ -89,7 +92,7 @@ def loudness_sync(opening: np.ndarray, audio: np.ndarray, rate: int = 16000, max
     """
     spf = rate // FPS
     n = min(len(opening), len(audio) // spf)
-    if n < 4 * FPS:
+    if n < MIN_FLOOR_S * FPS:
         return {}
     frames = np.asarray(audio[: n * spf], np.float64).reshape(n, spf)
     loud = 20 * np.log10(np.sqrt((frames ** 2).mean(1)) + 1e-4)
@@ -152,7 +155,7 @@ def sync_floor(nets, frames: np.ndarray, audio: np.ndarray, shifts: int = 10, se
     video frame, so shifting the audio by k frames is rolling its rows by k (crops and rows computed once)."""
     crops, rows = _sync_inputs(nets, frames, audio)
     n = len(rows)
-    if n < 4 * FPS:
+    if n < MIN_FLOOR_S * FPS:
         return {}
     rng = np.random.default_rng(seed)
     vals = [sync_scores(nets["sync"], crops, torch.roll(rows, int(k), 0))["sync_c"]
@@ -164,7 +167,12 @@ def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.nd
                    gt: dict | None = None, syncnet_v2=None, floors: bool = False) -> dict:
     """All metrics of one video. Scalars plus per-second curves (``curves``). With ``syncnet_v2`` (the public
     SyncNet, ``eval.syncnet_v2.load_syncnet_v2``) also LSE-C / LSE-D; with ``floors`` also Sync-C's
-    time-shifted floor (10 more Sync-C runs: for one video, not for a benchmark of hundreds)."""
+    time-shifted floor (10 more Sync-C runs: for one video, not for a benchmark of hundreds). Loudness sync and
+    the floors need ``MIN_FLOOR_S`` seconds (they shift the audio by at least one); shorter clips omit them."""
+    covered = min(len(frames), len(audio) // (RATE // FPS))
+    if covered < FPS:  # Sync-C compares windows at +-15 frames
+        raise InputError(f"{len(frames)} frames with {len(audio) / RATE:.2f} s of audio cover {covered / FPS:.2f} s; "
+                         "the metrics need at least 1 s")
     res: dict = {"frames": int(len(frames))}
     x = _tensor(frames, _device(nets))  # once, for every metric that runs a network
     res.update(sync(nets, x, audio))
