@@ -122,6 +122,24 @@ def test_image_load_exif_and_rules(tmp_path):
         assert load_image(buf.getvalue()).size == (300, 200)
 
 
+def test_image_deep_and_transparent_pixels_keep_their_look(tmp_path):
+    """16-bit and float images are scaled to 8 bits (PIL's convert clips them near white); transparency is laid
+    over white rather than showing whatever colour hides under it."""
+    grey = np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (48, 1))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "f.tiff")
+    for name in ("g16.png", "f.tiff"):
+        got = np.asarray(load_image(tmp_path / name))
+        assert got.shape == (48, 64, 3) and np.abs(got[..., 0].astype(int) - grey).max() <= 1, name
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200  # red hidden under alpha 0 on the left half
+    rgba[:, 4:, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "cut.png")
+    got = np.asarray(load_image(tmp_path / "cut.png"))
+    assert (got[:, :4] == 255).all() and (got[:, 4:] == (200, 0, 0)).all()
+
+
 def test_image_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_image(tmp_path / "none.png")

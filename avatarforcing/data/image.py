@@ -18,14 +18,32 @@ ImageSource = str | Path | bytes | BinaryIO | Image.Image | np.ndarray
 MAX_PIXELS = 25_000_000  # ~ a 6000 x 4000 photo; larger is refused before decoding
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode. PIL's own ``convert("RGB")`` clips 16-bit and float pixels at 255 (a 16-bit
+    grey PNG comes out nearly white) and drops alpha (whatever colour hides under transparent pixels shows):
+    deep images are scaled to 8 bits (16-bit integers by 1/257, floats in [0, 1] by 255), transparency is laid
+    over white."""
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I") and (img.mode.startswith("I;16") or a.max() > 255):
+            a = a / 257.0
+        elif img.mode == "F" and a.max() <= 1.0:
+            a = a * 255.0
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Return an RGB PIL image with EXIF orientation applied.
+    """Return an RGB PIL image with EXIF orientation applied (``to_rgb``: deep and transparent images too).
 
     The size is read from the file's header and checked against ``max_pixels`` before any pixel is decoded,
     so a small file that claims a huge image cannot allocate its size.
     """
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return to_rgb(source)
     if isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
             raise InputError(f"image array must be uint8 [H, W, 3], got {source.dtype} {source.shape}")
@@ -56,7 +74,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         raise InputError(f"{name}: image of {w}x{h} pixels is over the limit of {max_pixels / 1e6:.0f} megapixels")
     try:
         img.load()
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(img))
     except (OSError, Image.DecompressionBombError, ValueError, SyntaxError):
         raise InputError(f"{name}: the image data is damaged or truncated") from None
 
