@@ -147,6 +147,21 @@ class Avatar:
                             min_side=min(c.height, c.width) // 2, name=str(image)[:200], filter=c.image_filter)
         return torch.from_numpy(arr)[None].to(self.device, self.dtype)
 
+    @torch.no_grad()
+    def reconstruct(self, frames: np.ndarray) -> np.ndarray:
+        """Video frames uint8 [T, H, W, 3] at the model's size through its codec alone (encode, decode): what the
+        latents keep, the ceiling of any DiT that generates them. Padded with its last frame to 1 + 4n frames
+        (the codec's groups), trimmed back to T."""
+        c = self.cfg.codec
+        if frames.ndim != 4 or frames.shape[1:] != (c.height, c.width, 3) or frames.dtype != np.uint8:
+            raise InputError(f"reconstruct needs uint8 [T, {c.height}, {c.width}, 3] frames, got {frames.dtype} "
+                             f"{frames.shape}")
+        t, s = len(frames), self.cfg.codec.temporal_stride
+        padded = np.concatenate([frames, np.repeat(frames[-1:], (-(t - 1)) % s, 0)])
+        x = torch.from_numpy(padded).permute(3, 0, 1, 2)[None].to(self.device, self.dtype) / 127.5 - 1
+        out = self.vae.decode(self.vae.encode_video(x))  # [1, 3, 1 + 4n, H, W]
+        return to_uint8(out[0].transpose(0, 1).float().cpu().numpy())[:t]
+
     def context(self, prompt: str | None = None, prompt_embeds=None, streams: int = 1) -> Tensor | None:
         """Text context [streams, text_len, text_dim] on the model's device, or None (no text conditioning)."""
         ctx = self.prompts.context(prompt, prompt_embeds)

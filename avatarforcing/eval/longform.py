@@ -35,8 +35,9 @@ ABLATIONS = {
 }
 # the method with a config field changed: the release's position scheme (stream/positions.py)
 VARIANTS = {"release-positions": {"stream.positions": "release"}}
-# "real": the held-out render itself, scored the same way (the ceiling of every metric)
-ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, *VARIANTS, "real"]
+# "real": the held-out render itself, scored the same way (the ceiling of every metric); "codec": the render
+# through the model's VAE alone (the ceiling of any DiT that generates its latents)
+ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, *VARIANTS, "codec", "real"]
 SCALARS = ["lipsync_r", "viseme_acc", "sync_c", "sync_d", "lse_c", "lse_d", "loudness_r", "identity_drift_end",
            "identity_drift_first_minute", "colour_drift_face_end", "colour_drift_background_end", "flicker_end",
            "fid", "fvd", "fps"]
@@ -155,6 +156,8 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                 t0 = time.perf_counter()
                 if m == "real":
                     videos = [data[i]["real"] for i in idx]
+                elif m == "codec":
+                    videos = [avatar.reconstruct(data[i]["real"]) for i in idx]
                 else:
                     engine = avatar
                     if m in VARIANTS:
