@@ -156,7 +156,7 @@ class Avatar:
         if frames.ndim != 4 or frames.shape[1:] != (c.height, c.width, 3) or frames.dtype != np.uint8:
             raise InputError(f"reconstruct needs uint8 [T, {c.height}, {c.width}, 3] frames, got {frames.dtype} "
                              f"{frames.shape}")
-        t, s = len(frames), self.cfg.codec.temporal_stride
+        t, s = len(frames), c.temporal_stride
         padded = np.concatenate([frames, np.repeat(frames[-1:], (-(t - 1)) % s, 0)])
         x = torch.from_numpy(padded).permute(3, 0, 1, 2)[None].to(self.device, self.dtype) / 127.5 - 1
         out = self.vae.decode(self.vae.encode_video(x))  # [1, 3, 1 + 4n, H, W]

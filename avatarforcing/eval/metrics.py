@@ -80,7 +80,7 @@ def mouth_readings(nets, frames: np.ndarray, batch: int = 256) -> tuple[np.ndarr
     return np.concatenate(regs), np.concatenate(vis)
 
 
-def loudness_sync(opening: np.ndarray, audio: np.ndarray, rate: int = 16000, max_lag: int = 3,
+def loudness_sync(opening: np.ndarray, audio: np.ndarray, rate: int = RATE, max_lag: int = 3,
                   shifts: int = 200, seed: int = 0) -> dict:
     """Mouth opening read from the pixels against speech loudness, for any clip with audio (no ground truth).
 
