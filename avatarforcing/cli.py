@@ -264,6 +264,7 @@ def cmd_train(args) -> int:
 
     import yaml
 
+    from .config import Config
     from .train.recipe import SMOKE, RecipeConfig, run_recipe
 
     if args.stage == "listener":
@@ -289,7 +290,7 @@ def cmd_train(args) -> int:
                                  " for the train and heldout splits first")
     try:
         times = run_recipe(args.corpus, args.out, args.device, r, stages=stages, export_to=args.export,
-                           minutes=args.minutes)
+                           minutes=args.minutes, cfg=Config.load(args.model_config) if args.model_config else None)
     except TimeoutError as e:
         print(f"avatarforcing train: {e}")
         return 3
@@ -525,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--smoke", action="store_true", help="a few steps of every stage (end-to-end check)")
     t.add_argument("--minutes", type=float, help="wall-clock budget; stops with a checkpoint, rerun to resume")
     t.add_argument("--config", help="recipe overrides as YAML (fields of RecipeConfig)")
+    t.add_argument("--model-config", help="recipe: the model to train as YAML (`preset: mini` and the fields to "
+                                          "change, e.g. benchmarks/mini_wide.yaml); default: the mini preset")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="metrics and the long-form benchmark",

@@ -29,6 +29,14 @@ def test_smoke_recipe_end_to_end_and_resume(tmp_path):
     run_recipe(corpus, tmp_path / "run", "cpu", SMOKE, export_to=tmp_path / "model")  # every stage is done
     after = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # the run folder belongs to its model config: resuming it with another is refused before any stage runs
+    import pytest
+
+    from avatarforcing.config import preset
+    from avatarforcing.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"another model config \(differs in \['model.latent_channels'\]"):
+        run_recipe(corpus, tmp_path / "run", "cpu", SMOKE, cfg=preset("mini").override({"model.latent_channels": 16}))
 
 
 def test_wan_layout_recipe_with_a_pretrained_vae(tmp_path):

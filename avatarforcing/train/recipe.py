@@ -28,6 +28,7 @@ from ..checkpoints import atomic_write, load_into, read_state_dict, save_model
 from ..codecs.vae import MiniVAE
 from ..config import Config, preset
 from ..data.dataset import CorpusDataset
+from ..errors import ConfigError
 from ..model import AvatarDiT
 from ..stream.schedule import window_sigmas
 from .loop import LoopConfig, Trainer, step_generator
@@ -431,6 +432,22 @@ def export(out: Path, cfg: Config, student: AvatarDiT, vae: MiniVAE, dest: Path,
     return dest
 
 
+def _check_run_config(out: Path, cfg: Config) -> None:
+    """A run folder belongs to one model config: recorded on the first run, a resume with another is refused
+    (its checkpoints would not fit the model)."""
+    path = out / "model_config.yaml"
+    if not path.exists():
+        atomic_write(path, lambda tmp: cfg.save(tmp))
+        return
+    was = Config.load(path).to_dict()
+    now = cfg.to_dict()
+    changed = sorted(f"{part}.{k}" for part in now if isinstance(now[part], dict)
+                     for k in now[part] if was.get(part, {}).get(k) != now[part][k])
+    if changed or was.get("name") != now.get("name"):
+        raise ConfigError(f"{out}: this run was started with another model config (differs in "
+                          f"{changed or ['name']}; see {path}); resume it with that config or use a new --out")
+
+
 def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: RecipeConfig | None = None,
                cfg: Config | None = None, stages: tuple[str, ...] = ("vae", "latents", "teacher", "ode-gen", "ode",
                                                                        "dmd", "export"),
@@ -440,6 +457,7 @@ def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: Reci
     dev = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_run_config(out, cfg)
     corpus = Path(corpus)
     deadline = time.time() + 60 * minutes if minutes else None
     times = {}
@@ -447,7 +465,6 @@ def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: Reci
     vae = None
     if cfg.codec.vae == "wan":
         from ..codecs.wan_vae import WanVAE
-        from ..errors import ConfigError
 
         if not r.vae_path:
             raise ConfigError("a codec.vae == 'wan' recipe needs vae_path (the pretrained Wan2.1 VAE)")
