@@ -64,6 +64,7 @@ def test_typed_sentence_speaks_and_the_recording_downloads(server, tmp_path):
     pytest.importorskip("avatarforcing.data.speech").engine()  # server-side speech needs libespeak-ng
     out = run_flow(server, "say", tmp_path)
     assert out["frames"] >= 25 and out["motion"]["n"] >= out["frames"] - 1  # every drawn frame was compared
+    assert out["motion"]["backwards"] == 0  # frames are shown in their order, whatever order decodes finish in
     assert out["motion"]["mouth"] > 1.25 * out["motion"]["forehead"]
     from avatarforcing.data.video import read_video
 

@@ -22,8 +22,11 @@ const SAMPLER = `(() => {
   const c = document.getElementById("view"), g = c.getContext("2d");
   const regions = { mouth: [48, 62, 32, 28], forehead: [48, 18, 32, 20] };
   const last = {}, sum = { mouth: 0, forehead: 0 }; let n = 0, drawn = window.avatarFramesDrawn || 0;
-  window.motion = () => ({ mouth: sum.mouth / Math.max(n, 1), forehead: sum.forehead / Math.max(n, 1), n });
+  let lastIndex = -1, backwards = 0;  // frame indices as drawn (window.avatarDrawnIndex): must only increase
+  window.motion = () => ({ mouth: sum.mouth / Math.max(n, 1), forehead: sum.forehead / Math.max(n, 1), n, backwards });
   const sample = () => {
+    if (window.avatarDrawnIndex <= lastIndex) backwards++;
+    lastIndex = window.avatarDrawnIndex;
     let compared = false;
     for (const [k, [x, y, w, h]] of Object.entries(regions)) {
       const d = g.getImageData(x, y, w, h).data;
@@ -34,7 +37,7 @@ const SAMPLER = `(() => {
     if (compared) n++;
   };
   Object.defineProperty(window, "avatarFramesDrawn", { configurable: true, get: () => drawn,
-    set: (v) => { const moved = v > drawn; drawn = v; if (v > 0 && moved) sample(); } });
+    set: (v) => { const moved = v > drawn; drawn = v; if (v === 0) lastIndex = -1; else if (moved) sample(); } });
 })()`;
 
 try {
@@ -72,6 +75,7 @@ try {
     // a frozen canvas fails the first test, uniform flicker the second. The shipped mini measures 6.6 / 4.45 =
     // 1.49 on this sentence (deterministic since frames are sampled per draw); its forehead region holds the
     // brows, which the training renders raise while talking, so the bar is not the renderer's ratio (2-80).
+    if (motion.backwards) fail(`${motion.backwards} frames were drawn after a newer one`);
     if (!(motion.mouth > 1.0 && motion.mouth > 1.25 * motion.forehead)) fail(`the mouth did not move: ${JSON.stringify(motion)}`);
     if (stats[2] === "–") fail("no look-ahead shown");
   } else if (flow === "error") {
