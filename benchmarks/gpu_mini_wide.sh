@@ -19,32 +19,15 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CLIPS=${CLIPS:-400}; HELD=${HELD:-16}; SECONDS_PER_CLIP=${SECONDS_PER_CLIP:-16}; DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/wide}; SMOKE=${SMOKE:-}
-RECIPE=${RECIPE:-benchmarks/mini_gpu_recipe.yaml}; PY=${PY:-}; LF=${LF:---clips 16 --frames 400 --batch 16 --workers 8}
+RECIPE=${RECIPE:-benchmarks/mini_gpu_recipe.yaml}; LF=${LF:---clips 16 --frames 400 --batch 16 --workers 8}
 T0=$(date +%s)
 exec > >(tee -a "$OUT/log.txt") 2>&1
-if [ -z "$PY" ] && [ -d .gpu ] && ls .gpu/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .gpu/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-if [ -f .gpu/flite.tar.xz ] && [ -w /usr/lib/x86_64-linux-gnu ]; then
-  tar xJf .gpu/flite.tar.xz -C /usr/lib/x86_64-linux-gnu && ldconfig
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-PY=${PY:-python3}
-$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
-AF="$PY -m avatarforcing.cli"
+. benchmarks/gpu_env.sh
 CFG="--config $RECIPE"; [ -n "$SMOKE" ] && CFG=$SMOKE
 quiet() { tr '\r' '\n' | grep -v "it/s\|s/it" | tail -${1:-6}; }
 for split in "train $CLIPS 31" "heldout $HELD 32"; do  # each step resumes: a second call continues the first
   set -- $split
-  ls -d $WORK/c/shards/$1-* >/dev/null 2>&1 && continue
-  $AF data synth --out $WORK/c --clips $2 --seconds $SECONDS_PER_CLIP --split $1 --seed $3 --voices espeak,flite \
-      --workers 16 --shards-only 2>&1 | tail -1 || { echo "flite voices failed: espeak-ng only"
-    rm -rf $WORK/c/shards/$1-*
-    $AF data synth --out $WORK/c --clips $2 --seconds $SECONDS_PER_CLIP --split $1 --seed $3 --workers 16 \
-        --shards-only 2>&1 | tail -1; }
+  ls -d $WORK/c/shards/$1-* >/dev/null 2>&1 || synth_corpus $WORK/c $1 $2 $3 $SECONDS_PER_CLIP
 done
 echo "corpus $(( $(date +%s) - T0 )) s"
 $AF train recipe --model-config benchmarks/mini_wide.yaml --corpus $WORK/c --out $WORK/r16 --device $DEVICE \

@@ -15,26 +15,9 @@ LIMIT=${LIMIT:-540}; CLIPS=${CLIPS:-400}; HELD=${HELD:-16}; DEVICE=${DEVICE:-cud
 CONFIG=${CONFIG:-benchmarks/robust_gpu.yaml}
 T0=$(date +%s)
 exec > >(tee "$OUT/log.txt") 2>&1
-if [ -d .gpu ] && ls .gpu/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .gpu/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-if [ -f .gpu/flite.tar.xz ] && [ -w /usr/lib/x86_64-linux-gnu ]; then
-  tar xJf .gpu/flite.tar.xz -C /usr/lib/x86_64-linux-gnu && ldconfig
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
-AF="python3 -m avatarforcing.cli"
-synth() {  # split clips seed: espeak-ng + flite voices, espeak-ng alone if libflite does not load
-  $AF data synth --out $WORK/c --clips $2 --seconds 16 --split $1 --seed $3 --voices espeak,flite --workers 16 \
-      --shards-only 2>&1 | tail -1 && return 0
-  echo "flite voices failed: espeak-ng only"; rm -rf $WORK/c/shards/$1-*
-  $AF data synth --out $WORK/c --clips $2 --seconds 16 --split $1 --seed $3 --workers 16 --shards-only 2>&1 | tail -1
-}
-synth train $CLIPS 21
-synth heldout $HELD 22
+. benchmarks/gpu_env.sh
+synth_corpus $WORK/c train $CLIPS 21 16
+synth_corpus $WORK/c heldout $HELD 22 16
 # the DMD stage gets what is left of the limit after the other stages (~250 s measured on an H200 + margin)
 SPENT=$(( $(date +%s) - T0 ))
 python3 - "$CONFIG" "$SPENT" "$LIMIT" > $WORK/robust.yaml <<'PY'
