@@ -285,9 +285,7 @@ def cmd_train(args) -> int:
     r = SMOKE if args.smoke else RecipeConfig()
     if args.config:
         r = dataclasses.replace(r, **(yaml.safe_load(Path(args.config).read_text()) or {}))
-    if not (Path(args.corpus) / "shards").is_dir():
-        raise AvatarForcingError(f"{args.corpus}: no corpus shards; run `avatarforcing data synth --out {args.corpus}`"
-                                 " for the train and heldout splits first")
+    _require_corpus(args.corpus)
     try:
         times = run_recipe(args.corpus, args.out, args.device, r, stages=stages, export_to=args.export,
                            minutes=args.minutes, cfg=Config.load(args.model_config) if args.model_config else None)
@@ -296,6 +294,12 @@ def cmd_train(args) -> int:
         return 3
     print(f"train {args.stage}: done; cumulative seconds per stage: {times}")
     return 0
+
+
+def _require_corpus(corpus: str) -> None:
+    if not (Path(corpus) / "shards").is_dir():
+        raise AvatarForcingError(f"{corpus}: no corpus shards; run `avatarforcing data synth --out {corpus}`"
+                                 " for the train and heldout splits first")
 
 
 def _train_robust(args) -> int:
@@ -313,9 +317,7 @@ def _train_robust(args) -> int:
         d = yaml.safe_load(Path(args.config).read_text()) or {}
         rc = RobustConfig.from_dict({**dataclasses.asdict(rc), **d,
                                      "recipe": {**dataclasses.asdict(rc.recipe), **d.get("recipe", {})}})
-    if not (Path(args.corpus) / "shards").is_dir():
-        raise AvatarForcingError(f"{args.corpus}: no corpus shards; run `avatarforcing data synth --out {args.corpus}`"
-                                 " for the train and heldout splits first")
+    _require_corpus(args.corpus)
     try:
         info = run_robust(args.corpus, model_folder(args.model), args.out, args.device, rc, export_to=args.export,
                           minutes=args.minutes)

@@ -222,7 +222,8 @@ def latent_clips(corpus: Path, cfg: Config, r: RecipeConfig) -> list[tuple[Path,
     for d in sorted((corpus / "shards").glob("train-*")):
         n, t = np.load(d / "frames.npy", mmap_mode="r").shape[:2]
         t = int(r.latent_seconds * cfg.codec.fps) if r.latent_seconds else t
-        out += [(d, c, t // 4 * 4) for c in range(n)]
+        stride = cfg.codec.temporal_stride
+        out += [(d, c, t // stride * stride) for c in range(n)]
     return out[: r.latent_clips] if r.latent_clips else out
 
 
