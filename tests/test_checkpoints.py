@@ -70,6 +70,23 @@ def test_lora_merge_equals_side_by_side():
     assert torch.allclose(x @ merged["l.weight"].T + merged["l.bias"], side, atol=1e-6)
 
 
+def test_release_lora_defaults_on_real_values():
+    """The release's rank 128 merges at alpha / rank = 64 / 128 = 0.5 when no alpha is given (on values, not
+    shapes; seen to fail with the default alpha set to 128 and with the scale taken as alpha alone)."""
+    torch.manual_seed(0)
+    w, bias = torch.randn(5, 6), torch.randn(5)
+    a, b = torch.randn(128, 6), torch.randn(5, 128)
+    sd = {"l.base_layer.weight": w, "l.base_layer.bias": bias, "l.lora_A.default.weight": a,
+          "l.lora_B.default.weight": b, "other.weight": torch.randn(2, 2)}
+    merged = merge_lora(sd)
+    assert set(merged) == {"l.weight", "l.bias", "other.weight"}
+    assert torch.allclose(merged["l.weight"], w + 0.5 * b @ a, atol=1e-5, rtol=0)
+    assert torch.equal(merged["l.bias"], bias) and torch.equal(merged["other.weight"], sd["other.weight"])
+    assert torch.allclose(merge_lora(sd, alpha=32.0)["l.weight"], w + 0.25 * b @ a, atol=1e-5, rtol=0)
+    half = merge_lora({k: v.half() for k, v in sd.items()})["l.weight"]
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), w + 0.5 * b @ a, atol=0.05)
+
+
 def test_official_checkpoint_roundtrip_tiny(tmp_path):
     m = tiny_model()
     ckpt = {"generator": peft_layout(m.state_dict(), 4, zero_b=True)}

@@ -7,7 +7,7 @@ from avatarforcing.checkpoints import load_model
 from avatarforcing.cli import main
 from avatarforcing.config import preset
 
-from .test_checkpoints import peft_layout
+from .test_checkpoints import LORA_TARGETS, peft_layout
 from .test_model import tiny_model
 
 COMMANDS = ["generate", "stream", "serve", "train", "eval", "bench", "data", "convert"]
@@ -22,14 +22,35 @@ def test_every_subcommand_has_help(cmd, capsys):
 
 
 def test_convert_official_checkpoint(tmp_path, capsys):
+    """convert with a non-zero LoRA B: every target weight is base + (alpha / rank) B A, every other weight is
+    the base's, and the converted model's output is that of a model built with the merged weights by hand
+    (seen to fail with the scale alpha / rank replaced by alpha)."""
+    from avatarforcing.model import AvatarDiT
+
     m = tiny_model()
     cfg = dataclasses.replace(preset("mini"), model=m.cfg)
     cfg.save(tmp_path / "tiny.yaml")
-    torch.save({"generator": peft_layout(m.state_dict(), 4, zero_b=True)}, tmp_path / "model.pt")
+    torch.manual_seed(3)
+    peft = peft_layout(m.state_dict(), 4)
+    torch.save({"generator": peft}, tmp_path / "model.pt")
     assert main(["convert", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--config",
                  str(tmp_path / "tiny.yaml"), "--dtype", "fp32", "--lora-alpha", "8"]) == 0
     loaded, _ = load_model(tmp_path / "out")
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in m.state_dict().items())
+    want = {}
+    for k, v in m.state_dict().items():
+        a = peft.get(f"model.{k[:-len('.weight')]}.lora_A.default.weight")
+        want[k] = v + (8 / 4) * peft[f"model.{k[:-len('.weight')]}.lora_B.default.weight"] @ a if a is not None else v
+    changed = [k for k in want if not torch.equal(want[k], m.state_dict()[k])]
+    assert len(changed) == len(LORA_TARGETS) * m.cfg.num_layers  # self- and cross-attention q/k/v/o, the 2 FFN linears
+    for k, v in want.items():
+        assert torch.allclose(loaded.state_dict()[k], v, atol=1e-6, rtol=0), k
+    by_hand = AvatarDiT(m.cfg).eval()
+    by_hand.load_state_dict(want)
+    x = torch.randn(1, m.cfg.in_channels, 2, 4, 4)
+    t, pos = torch.tensor([[500.0, 500.0]]), torch.arange(2)
+    with torch.no_grad():
+        got, ref, base = loaded.eval()(x, t, pos), by_hand(x, t, pos), m.eval()(x, t, pos)
+    assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)
 
 
 def test_errors_exit_2_without_traceback(tmp_path, capsys):
