@@ -67,7 +67,8 @@ GROUPS = {
 
 
 def setup_cfg(group: dict) -> str:
-    lines = ["[mutmut]", "source_paths = avatarforcing", "only_mutate ="]
+    # forkserver: torch's thread pool is not fork-safe (children forked from a process that ran the suite hang)
+    lines = ["[mutmut]", "source_paths = avatarforcing", "process_isolation = forkserver", "only_mutate ="]
     lines += [f"    {f}" for f in group["files"]]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in group["tests"]]
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q"]
@@ -88,7 +89,7 @@ def run_group(name: str, group: dict, children: int) -> dict:
     shutil.copytree(ROOT / "avatarforcing", work / "avatarforcing", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
     (work / "setup.cfg").write_text(setup_cfg(group))
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")  # one thread per mutant child
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=work, env=env,
                    check=False)

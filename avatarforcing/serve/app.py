@@ -38,6 +38,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from ..api import Avatar
 from ..errors import AvatarForcingError
 from ..identities import IDENTITIES, identity_image
+from .admission import Admission
 
 STATIC = Path(__file__).parent / "static"
 FRAME_HEADER = struct.Struct("<Id")  # frame index (uint32), audio time of the frame in seconds (float64)
@@ -330,8 +331,8 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
     ``recordings``: where recorded sessions are kept (default: this process's temporary folder)."""
     limits = limits or Limits()
     metrics = Metrics()
-    state = {"shutting_down": False, "pending": 0, "active": 0, "queued": 0}  # queued: samples, all streams
-    pending_by_client: dict[str, int] = {}
+    admission = Admission(limits.max_sessions, limits.max_pending, limits.max_pending_per_client)
+    state = {"queued": 0}  # samples read from the sockets and not processed yet, all streams
     live: set[Live] = set()
     recordings = recordings or Recordings(limits)
     speech_gate = Gate(1, 4, "speech synthesis")  # one libespeak-ng per process
@@ -339,7 +340,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
 
     async def notify_shutdown() -> None:
         """Tell every open stream ('shutdown' frame) and close it; bounded, so a stuck client cannot delay it."""
-        state["shutting_down"] = True
+        admission.shutting_down = True
         await asyncio.gather(*(_close_live(item, "shutdown", "server is shutting down", 1001) for item in list(live)))
 
     async def _close_live(item: Live, code: str, message: str, close_code: int) -> None:
@@ -368,12 +369,12 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
-        return JSONResponse({"status": "shutting_down" if state["shutting_down"] else "ok",
-                             "sessions": state["active"], "max_sessions": limits.max_sessions})
+        return JSONResponse({"status": "shutting_down" if admission.shutting_down else "ok",
+                             "sessions": admission.active, "max_sessions": limits.max_sessions})
 
     def snapshot() -> dict:
         """This process's metrics, with the gauges read from the live state."""
-        metrics.values["sessions_active"], metrics.values["sessions_pending"] = state["active"], state["pending"]
+        metrics.values["sessions_active"], metrics.values["sessions_pending"] = admission.active, admission.pending
         metrics.values["queue_seconds"] = state["queued"] / avatar.cfg.codec.sample_rate
         return metrics.snapshot()
 
@@ -458,46 +459,39 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
             return
         await ws.accept()
         who = ws.client.host if ws.client else "?"
-        if pending_by_client.get(who, 0) >= limits.max_pending_per_client or state["pending"] >= limits.max_pending:
+        if admission.crowded(who):
             await _refuse(ws, "too many connections are waiting to start a stream; retry in a moment")
             return
-        if state["shutting_down"] or state["active"] >= limits.max_sessions:
+        if admission.full():
             await _refuse(ws)
             return
-        state["pending"] += 1
-        pending_by_client[who] = pending_by_client.get(who, 0) + 1
-        try:
-            msg = await _receive(ws, limits.start_timeout_s, "start_timeout",
-                                 f"no 'start' message within {limits.start_timeout_s:.0f} s")
-            req = parse_start(msg.get("text"), avatar)
-        except WebSocketDisconnect:
-            return
-        except ClientError as e:
-            metrics.add("errors_total")
-            log.info("client error before start: %s %s", e.code, bounded(e, 120))
-            await _close_with_error(ws, e.code, str(e))
-            return
-        finally:
-            state["pending"] -= 1
-            pending_by_client[who] -= 1
-            if not pending_by_client[who]:
-                del pending_by_client[who]
-        if state["shutting_down"] or state["active"] >= limits.max_sessions:
+        with admission.waiting(who):
+            try:
+                msg = await _receive(ws, limits.start_timeout_s, "start_timeout",
+                                     f"no 'start' message within {limits.start_timeout_s:.0f} s")
+                req = parse_start(msg.get("text"), avatar)
+            except WebSocketDisconnect:
+                return
+            except ClientError as e:
+                metrics.add("errors_total")
+                log.info("client error before start: %s %s", e.code, bounded(e, 120))
+                await _close_with_error(ws, e.code, str(e))
+                return
+        if admission.full():
             await _refuse(ws)
             return
-        state["active"] += 1
-        metrics.add("sessions_total")
-        item = Live(ws)
-        live.add(item)
-        try:
-            await _serve(ws, req, item)
-        except WebSocketDisconnect:
-            pass  # the client left: the session and its buffers go with this frame
-        except Exception as e:  # noqa: BLE001 - never take the server down for one stream
-            await _report(item, e)
-        finally:
-            live.discard(item)
-            state["active"] -= 1
+        with admission.session():
+            metrics.add("sessions_total")
+            item = Live(ws)
+            live.add(item)
+            try:
+                await _serve(ws, req, item)
+            except WebSocketDisconnect:
+                pass  # the client left: the session and its buffers go with this frame
+            except Exception as e:  # noqa: BLE001 - never take the server down for one stream
+                await _report(item, e)
+            finally:
+                live.discard(item)
 
     async def _report(item: Live, e: Exception) -> None:
         if item.closing:
@@ -514,8 +508,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
 
     async def _refuse(ws: WebSocket, why: str | None = None) -> None:
         metrics.add("sessions_rejected_total")
-        why = why or ("server is shutting down" if state["shutting_down"] else
-                      f"all {limits.max_sessions} sessions are in use; retry later")
+        why = why or admission.refusal()
         await _close_with_error(ws, "busy", why, 1013)
 
     async def _close_with_error(ws: WebSocket, code: str, message: str, close_code: int | None = None) -> None:
@@ -633,7 +626,7 @@ def create_app(avatar: Avatar, limits: Limits | None = None, replica: str | None
                         await send(json.dumps({"type": "stats", "frames": n + 1, "latency_ms": lat,
                                                "fps": (n + 1) / (time.monotonic() - t_start),
                                                "lookahead_ms": session.lookahead_ms,
-                                               "sessions": state["active"]}))
+                                               "sessions": admission.active}))
 
         read_task = asyncio.ensure_future(reader())
         item.tasks.append(read_task)

@@ -1,0 +1,59 @@
+"""Who may hold a connection and a session slot: the server's admission state in one object.
+
+A WebSocket passes two gates. While it has not sent a valid ``start`` it is *pending*: at most
+``max_pending`` such connections in all and ``max_pending_per_client`` from one address, so idle sockets
+cannot crowd out real streams; a pending connection holds no session slot. Then it is *active*: at most
+``max_sessions`` at once, checked before the connection may wait and again when its ``start`` arrives
+(another connection may have taken the last slot meanwhile). After shutdown begins nobody is admitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Admission:
+    def __init__(self, max_sessions: int, max_pending: int, max_pending_per_client: int):
+        self.max_sessions, self.max_pending, self.max_pending_per_client = max_sessions, max_pending, \
+            max_pending_per_client
+        self.active = 0  # sessions streaming
+        self.pending = 0  # connections that have not sent 'start' yet
+        self.pending_by_client: dict[str, int] = {}  # of those, per client address (no entry at 0)
+        self.shutting_down = False
+
+    def crowded(self, who: str) -> bool:
+        """Too many connections wait to start, in all or from ``who``: this one may not wait."""
+        return self.pending_by_client.get(who, 0) >= self.max_pending_per_client or self.pending >= self.max_pending
+
+    def full(self) -> bool:
+        """No session slot is free (or the server is shutting down)."""
+        return self.shutting_down or self.active >= self.max_sessions
+
+    def refusal(self) -> str:
+        """Why a connection is refused when ``full()``."""
+        if self.shutting_down:
+            return "server is shutting down"
+        return f"all {self.max_sessions} sessions are in use; retry later"
+
+    @contextmanager
+    def waiting(self, who: str) -> Iterator[None]:
+        """Count ``who``'s connection as pending while it waits for its 'start'."""
+        self.pending += 1
+        self.pending_by_client[who] = self.pending_by_client.get(who, 0) + 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+            self.pending_by_client[who] -= 1
+            if not self.pending_by_client[who]:
+                del self.pending_by_client[who]
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Hold one session slot (the caller checked ``full()`` first, with no await in between)."""
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
