@@ -51,10 +51,20 @@ def test_sampler_uses_the_table_for_every_pass(scheme):
     cfg = tiny_cfg(block_frames=2, window_blocks=3, denoising_steps=[1000, 600, 300], temporal_anchor_frames=1,
                    positions=scheme)
     s = sampler(cfg)
+    handed, roped = [], [None]  # per model call: (query frame positions, positions roped onto the cached keys)
+    forward, rope = s.model.forward, s.model.rope
+    s.model.rope = lambda frames, h, w: (roped.__setitem__(0, frames.tolist()), rope(frames, h, w))[1]
+    s.model.forward = lambda x, t, pos, **kw: (handed.append((pos.tolist(), roped[0])), forward(x, t, pos, **kw))[1]
     for _ in range(5):
         s.push(audio(cfg))
     s.drain()
     got = s.trace.layouts
+    # what the model was handed, call by call, against the table (not against the recorded layouts)
+    assert handed[0] == ([0], None) and len(handed) == 1 + len(got)  # the style anchor's own pass first
+    for (pos, keys), (kind, k, _) in zip(handed[1:], got):
+        lay = (window_layout if kind == "window" else clean_layout)(scheme, 1, 0 if k == 0 else 1, k, 2)
+        assert pos == list(range(lay.start, lay.start + len(pos))), (kind, k, pos, lay)
+        assert keys == [lay.anchor, *lay.temporal], (kind, k, keys, lay)
     assert [(kind, k) for kind, k, _ in got] == [
         ("window", 0), ("window", 0), ("window", 0), ("clean", 0), ("window", 1), ("clean", 1), ("window", 2),
         ("clean", 2), ("window", 3), ("clean", 3), ("window", 4), ("clean", 4)]

@@ -37,7 +37,30 @@ def test_release_levels():
     s = window_sigmas((1000, 800, 400, 200), 5.0)
     assert np.allclose(s, [0.5556, 0.7692, 0.9524, 1.0], atol=1e-4)
     grid = teacher_sigmas(50, 5.0)
+    assert len(grid) == 51 and grid[0] == 1.0 and grid[-1] == 0.0  # from pure noise to clean
     assert all(abs(grid[i] - v) < 1e-9 for i, v in zip((0, 10, 30, 40), reversed(s)))
+    assert np.allclose(window_sigmas((2000, 1000), 1.0, 2000), [0.5, 1.0])  # steps count on the train grid
+
+
+def test_sampler_levels_read_the_configured_train_grid():
+    cfg = tiny_cfg(num_train_timesteps=2000, denoising_steps=[2000, 1500, 1000, 500])
+    assert np.allclose(sampler(cfg).sigmas, window_sigmas((2000, 1500, 1000, 500), cfg.stream.shift, 2000))
+
+
+def test_small_contracts_say_what_is_wrong():
+    from avatarforcing.stream.kv import KVBuffer
+    from avatarforcing.stream.positions import clean_layout
+    from avatarforcing.stream.window import noise_like
+
+    with pytest.raises(ValueError, match="^2 generators for a batch of 3 streams$"):
+        noise_like((3, 4), [torch.Generator(), torch.Generator()], torch.zeros(1))
+    with pytest.raises(ValueError, match="unknown position scheme 'nope'; expected one of"):
+        clean_layout("nope", 2, 0, 0, 4)
+    kv = KVBuffer(layers=3, batch=2, tokens_per_frame=5, heads=2, head_dim=4, n_temporal=2, device="cpu",
+                  dtype=torch.float32)
+    assert kv.nbytes() == 2 * 3 * 2 * (1 + 2) * 5 * 2 * 4 * 4  # keys and values, layers, batch, frames, ...
+    cos = torch.zeros(0, 2)
+    assert kv.prefix(False, True, cos, cos) is None  # neither the anchor nor a temporal frame yet
 
 
 @pytest.mark.parametrize("L,N,B", [(4, 1, 1), (2, 1, 2), (3, 2, 1)])
@@ -52,12 +75,14 @@ def test_each_block_passes_levels_in_order_and_is_emitted_once(L, N, B):
         emitted += s.push(audio(cfg))
     emitted += s.drain()
     assert s.trace.emitted == list(range(n)) and len(emitted) == n
-    levels = list(reversed(s.sigmas))  # s_L .. s_1
+    shift = cfg.stream.shift
+    levels = [shift * (t / 1000) / (1 + (shift - 1) * t / 1000) for t in steps]  # s_L .. s_1, newest first
+    # pass p of N at a level goes a fraction p / N of the way to the next lower level (0 after s_1)
+    lower = levels[1:] + [0.0]
+    want = [hi + (lo - hi) * p / N for hi, lo in zip(levels, lower) for p in range(N)]
     for blk in range(n):
         seen = [sig for b, sig in s.trace.passes if b == blk]
-        want = [s._sub_sigma(L - 1 - i, p) for i in range(L) for p in range(N)]
-        assert np.allclose(seen, want)
-        assert np.allclose(seen[::N], levels)
+        assert np.allclose(seen, want, atol=1e-7)
     # 1 anchor pass + N passes per step for n + L - 1 steps + 1 clean pass per emitted block
     assert s.trace.model_calls == 1 + N * (n + L - 1) + n
 
@@ -91,8 +116,10 @@ def test_anchor_offset_step_5_equals_step_5000():
     assert s3.trace.prefix_offsets[-1] > 5000
 
 
-def test_reindexed_positions_equal_absolute_positions_math():
-    """Rebased positions give the same output as the same layout shifted by 10,000 frames (RoPE is relative)."""
+def test_a_constant_shift_of_every_position_changes_nothing():
+    """Every pass's positions shifted by 10,000 frames give the same output: only distances matter (RoPE is
+    relative), which is what lets positions be rebased every step. Whether the distances themselves are right
+    is ``test_sampler_reference.py``'s and ``test_positions.py``'s."""
     cfg = tiny_cfg(temporal_anchor_frames=1)
     a, b = sampler(cfg, seed=3), sampler(cfg, seed=3)
     layout = b._layout
