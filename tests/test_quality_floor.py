@@ -3,15 +3,16 @@
 Held-out clip 3 (seed 1234, 10 s: an identity, a voice variant and sentences outside training), generated
 by the shipped model from the clip's portrait and speech, scored by the corpus-trained mouth reader against
 the clip's ground-truth mouth opening. Measured on 2026-11-30: lip-sync r 0.644 (the same portrait driven
-by another clip's speech: -0.005; the 16-clip mean is 0.659). The floor, 0.50, sits well below the
-measurement and far above no sync; a regression in the sampler, the audio path or the alignment of audio
-rows with frames drops below it (seen: the window start one frame off -> r 0.31, audio rows one latent
-frame late -> 0.28, a block re-noised one level too high -> 0.12).
+by another clip's speech: -0.005; the 16-clip mean is 0.659 [0.623, 0.697]). The run is seeded and
+deterministic; the floor, 0.60, leaves 0.044 for float differences between machines. Measured on planted
+bugs: the audio rows one block late -> 0.407, one video frame late -> 0.586, a block re-noised one level too
+high -> 0.558: all below the floor. Not caught here (caught by ``test_sampler_reference.py``): the window
+start one frame off -> 0.636.
 """
 
 import pytest
 
-FLOOR = 0.50
+FLOOR = 0.60
 
 
 @pytest.mark.parametrize("seed", [0])
