@@ -203,14 +203,7 @@ def omniavatar_state_dict(base: str | Path, lora: str | Path, alpha: float | Non
                           rank: int | None = None) -> StateDict:
     """Wan2.1 base weights + the OmniAvatar checkpoint (LoRA, audio modules, 33-channel patch embedding)."""
     sd = wan_state_dict(base)
-    extra = strip_prefixes(read_state_dict(lora))
-    lora_keys = {k for k in extra if ".lora_" in k}
-    for k in lora_keys:  # move base weights under base_layer so merge_lora finds them
-        name = re.sub(r"\.lora_[AB](?:\.default)?\.weight$", "", k)
-        for leaf in ("weight", "bias"):
-            if f"{name}.{leaf}" in sd:
-                sd[f"{name}.base_layer.{leaf}"] = sd.pop(f"{name}.{leaf}")
-    sd.update(extra)
+    sd.update(strip_prefixes(read_state_dict(lora)))  # merge_lora finds each base weight by the LoRA's name
     return merge_lora(sd, alpha, rank)
 
 

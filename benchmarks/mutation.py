@@ -91,8 +91,8 @@ def run_group(name: str, group: dict, children: int) -> dict:
     (work / "setup.cfg").write_text(setup_cfg(group))
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")  # one thread per mutant child
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=work, env=env,
-                   check=False)
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *group["functions"]],
+                   cwd=work, env=env, check=False)
     every = statuses(work)
     counted = {m: s for m, s in every.items() if any(fnmatch.fnmatchcase(m, p) for p in group["functions"])}
     equivalent = json.loads((ROOT / "benchmarks" / "mutation_equivalent.json").read_text()).get(name, {})

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -116,6 +117,8 @@ def test_omniavatar_base_plus_lora(tmp_path):
     want = sd[f"{q}.weight"] + (64 / 4) * lora[f"{q}.lora_B.default.weight"] @ lora[f"{q}.lora_A.default.weight"]
     assert torch.allclose(fresh.state_dict()[f"{q}.weight"], want, atol=1e-5)
     assert torch.equal(fresh.state_dict()["patch_embedding.weight"], sd["patch_embedding.weight"])
+    with pytest.raises(CheckpointError, match="rank 4, --lora-rank says 8"):  # the stated rank reaches the merge
+        omniavatar_state_dict(tmp_path / "wan.safetensors", tmp_path / "omni.pt", alpha=64, rank=8)
 
 
 def test_wan_diffusers_layout_folder(tmp_path):
@@ -156,6 +159,23 @@ def test_bad_checkpoints(tmp_path):
         avatarforcing_state_dict(tmp_path / "y.pt", use_ema=True)
     with pytest.raises(CheckpointError, match="missing lora_B"):
         merge_lora({"l.weight": torch.zeros(2, 2), "l.lora_A.default.weight": torch.zeros(1, 2)}, alpha=1.0)
+    with pytest.raises(CheckpointError, match="^LoRA for l is missing lora_A$"):
+        merge_lora({"l.weight": torch.zeros(2, 2), "l.lora_B.default.weight": torch.zeros(2, 1)}, alpha=1.0)
+    ab = {"l.lora_A.weight": torch.zeros(1, 2), "l.lora_B.weight": torch.zeros(2, 1)}
+    with pytest.raises(CheckpointError, match=r"^LoRA for l has no base weight \(l.weight or l.base_layer.weight\)$"):
+        merge_lora(ab, alpha=1.0)
+    for a, b in ((torch.zeros(1, 3), torch.zeros(2, 1)), (torch.zeros(1, 2), torch.zeros(3, 1))):  # A, then B off
+        want = f"LoRA for l: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight (2, 2)"
+        with pytest.raises(CheckpointError, match=f"^{re.escape(want)}$"):
+            merge_lora({"l.weight": torch.zeros(2, 2), "l.lora_A.weight": a, "l.lora_B.weight": b}, alpha=1.0)
+    two = {"p.weight": torch.zeros(2, 2), "p.lora_A.weight": torch.zeros(1, 2), "p.lora_B.weight": torch.zeros(2, 1),
+           "q.weight": torch.zeros(2, 2), "q.lora_A.weight": torch.zeros(2, 2), "q.lora_B.weight": torch.zeros(2, 2)}
+    with pytest.raises(CheckpointError, match=r"^LoRA ranks differ between layers \(\[1, 2\]\); expected one rank$"):
+        merge_lora(two, alpha=1.0)
+    torch.save({f"k{i}": 0 for i in range(10)}, tmp_path / "z.pt")
+    with pytest.raises(CheckpointError, match=r"with a 'generator_ema' entry, found keys \['k0', 'k1', 'k2', 'k3', "
+                                              r"'k4', 'k5', 'k6', 'k7'\]$"):
+        avatarforcing_state_dict(tmp_path / "z.pt", use_ema=True)
     m = tiny_model()
     sd = dict(m.state_dict())
     sd["blocks.0.ffn.0.weight"] = torch.zeros(3, 3)

@@ -114,6 +114,30 @@ def test_mini_vae_streaming_equals_full_and_the_training_decode(chunks):
     assert torch.equal(full, training.clamp(-1, 1))
 
 
+def test_mini_vae_decode_by_hand_with_normalised_latents():
+    """The decode written out: latent frame k (de-normalised by the VAE's mean and std) beside latent frame
+    k-1 (zeros for the first) through the decoder, 4 frames each, the first latent frame giving one frame.
+    Seen to fail with the de-normalisation's mean subtracted, std divided, and the previous frame ignored."""
+    torch.manual_seed(1)
+    vae = MiniVAE(4, 8).eval()
+    with torch.no_grad():
+        vae.latents_mean.copy_(torch.randn(4))
+        vae.latents_std.copy_(torch.rand(4) + 0.5)
+        z = torch.randn(2, 4, 3, 4, 4)
+        got = vae.decode(z)
+        streamed = torch.cat([d.decode(z[:, :, k:k + 1]) for d in [vae.stream_decoder()] for k in range(3)], 2)
+        raw = z * vae.latents_std.view(1, 4, 1, 1, 1) + vae.latents_mean.view(1, 4, 1, 1, 1)
+        frames = []
+        for k in range(3):
+            prev = raw[:, :, k - 1] if k else torch.zeros_like(raw[:, :, 0])
+            x = vae.decoder(torch.cat([raw[:, :, k], prev], 1))  # [B, 4 * 3, H, W], time-major
+            x = x.view(2, 4, 3, 32, 32).transpose(1, 2)
+            frames.append(x[:, :, -1:] if k == 0 else x)
+        want = torch.cat(frames, 2).clamp(-1, 1)
+    assert got.shape == (2, 3, 1 + 4 * 2, 32, 32)
+    assert torch.allclose(got, want, atol=1e-6) and torch.equal(streamed, got)
+
+
 def test_mel_streaming_equals_offline_any_chunking():
     fe = MelFrontEnd(preset("mini").codec)
     rng = np.random.default_rng(0)
