@@ -89,7 +89,8 @@ def run_group(name: str, group: dict, children: int) -> dict:
     shutil.copytree(ROOT / "avatarforcing", work / "avatarforcing", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
     (work / "setup.cfg").write_text(setup_cfg(group))
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")  # one thread per mutant child
+    # one thread per mutant child; processes the tests spawn (the 2-process training test) import the mutants too
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(work / "mutants"))
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *group["functions"]],
                    cwd=work, env=env, check=False)

@@ -93,6 +93,30 @@ def test_ema_follows_the_model_until_ema_start_then_averages(tmp_path):
         ema = p if step <= 2 else 0.8 * ema + 0.2 * p
     assert torch.allclose(tr.ema.model.weight, ema, atol=1e-7, rtol=0)
     assert tr.trained() is tr.ema.model and not torch.allclose(ema, params[-1])
+    assert not any(p.requires_grad for p in tr.ema.model.parameters())  # the average is never trained itself
+
+
+def test_trainer_builds_what_its_config_says(tmp_path):
+    """The optimiser gets the config's lr, betas and weight decay and only the given parameters; no EMA at
+    decay 0 (the trained weights are the model's); one process: the model itself runs forward; the run folder
+    is created with its parents."""
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    cfg = LoopConfig(steps=1, lr=3e-3, betas=(0.5, 0.9), weight_decay=0.25)
+    tr = Trainer("t", m, tmp_path / "a" / "b", cfg, torch.device("cpu"), params=m[1].parameters())
+    (group,) = tr.opt.param_groups
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-3, (0.5, 0.9), 0.25)
+    assert [p.data_ptr() for p in group["params"]] == [p.data_ptr() for p in m[1].parameters()]
+    assert tr.ema is None and tr.trained() is m and tr.forward_model is m and (tmp_path / "a" / "b").is_dir()
+
+
+def test_step_generator_streams_are_distinct_and_fixed():
+    """A step's noise depends on (seed, step, rank) only, and no two of them share a stream: no collision over
+    seeds 0-2, steps 0-999 and ranks 0-63 (seen to fail with the rank subtracted or the step subtracted)."""
+    seeds = {step_generator(seed, step, rank).initial_seed()
+             for seed in range(3) for step in range(1000) for rank in range(64)}
+    assert len(seeds) == 3 * 1000 * 64
+    assert torch.equal(torch.randn(3, generator=step_generator(2, 5, 1)), torch.randn(3, generator=step_generator(2, 5, 1)))
+    assert step_generator(4, 7).initial_seed() == step_generator(4, 7, 0).initial_seed()  # rank 0 by default
 
 
 def test_time_budget_counts_over_every_run_of_a_stage(tmp_path):
@@ -197,21 +221,25 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank, world, out, port, fsdp=False):
+    """``world`` processes train 3 steps; with 2 processes the run is stopped after step 2 and resumed by new
+    Trainers (model, optimiser and EMA restored from the gathered checkpoint, re-sharded under FSDP)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    m = torch.nn.Linear(3, 1)
-    tr = Trainer("ddp", m, out, LoopConfig(steps=3, lr=0.1, log_every=1, save_every=100, fsdp=fsdp,
-                                           ema_decay=0.5), torch.device("cpu"))
+    for steps in ([2, 3] if world > 1 else [3]):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 1)
+        tr = Trainer("ddp", m, out, LoopConfig(steps=steps, lr=0.1, log_every=1, save_every=100, fsdp=fsdp,
+                                               ema_decay=0.5), torch.device("cpu"))
 
-    def step(s, micro, gen):
-        g = step_generator(0, s)  # the global batch depends on the step only; each rank takes its share
-        x = torch.randn(8, 3, generator=g)[rank::world]
-        y = x.sum(1, keepdim=True)
-        loss = ((tr.forward_model(x) - y) ** 2).mean()
-        return loss, {"loss": loss.item()}
+        def step(s, micro, gen):
+            g = step_generator(0, s)  # the global batch depends on the step only; each rank takes its share
+            x = torch.randn(8, 3, generator=g)[rank::world]
+            y = x.sum(1, keepdim=True)
+            loss = ((tr.forward_model(x) - y) ** 2).mean()
+            return loss, {"loss": loss.item()}
 
-    tr.run(step, progress=False)
+        tr.run(step, progress=False)
+        dist.barrier()  # the checkpoint of step 2 is on disk before anyone resumes from it
     full = tr.state()  # gathers the shards under FSDP
     if rank == 0:
         torch.save([full["model"][k] for k in ("weight", "bias")] + [full["ema"]["weight"]], out / "params.pt")
@@ -224,7 +252,9 @@ def _ddp_worker(rank, world, out, port, fsdp=False):
 
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_two_process_gloo_equals_one_process(tmp_path, fsdp):
-    """DDP, and FSDP2 (parameters, gradients, optimiser state and EMA sharded): same loss and weights."""
+    """DDP, and FSDP2 (parameters, gradients, optimiser state and EMA sharded), stopped and resumed at step 2:
+    the same losses and weights as one process running 3 steps (seen to fail with the FSDP checkpoint's EMA
+    or optimiser state not restored)."""
     import json
 
     ctx = mp.get_context("spawn")
