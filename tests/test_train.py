@@ -111,7 +111,7 @@ def test_trainer_builds_what_its_config_says(tmp_path):
 
 def test_step_generator_streams_are_distinct_and_fixed():
     """A step's noise depends on (seed, step, rank) only, and no two of them share a stream: no collision over
-    seeds 0-2, steps 0-999 and ranks 0-63 (seen to fail with the rank subtracted or the step subtracted)."""
+    seeds 0-2, steps 0-999 and ranks 0-63 (seen to fail with the rank dropped, and with a step stride of 32)."""
     seeds = {step_generator(seed, step, rank).initial_seed()
              for seed in range(3) for step in range(1000) for rank in range(64)}
     assert len(seeds) == 3 * 1000 * 64
