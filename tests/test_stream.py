@@ -136,7 +136,7 @@ def test_a_constant_shift_of_every_position_changes_nothing():
         out_b += b.push(au)
     assert len(out_a) == len(out_b) == 3
     for x, y in zip(out_a, out_b):
-        assert torch.allclose(x, y, atol=1e-4)
+        assert torch.allclose(x, y, atol=2e-6, rtol=0)  # measured 2.4e-7 (was atol 1e-4)
 
 
 def _avatar():
@@ -225,7 +225,9 @@ def test_batch_generation_equals_one_stream_at_a_time(mode):
         want = av.generate(im, pcm, seed=seed, mode=mode)
         assert got.shape == want.shape == (26, 32, 32, 3)
         diff = np.abs(got.astype(int) - want.astype(int))
-        assert diff.max() <= 2 and diff.mean() < 0.05  # float rounding of batched kernels only
+        # float rounding of batched kernels only: measured 0 for the window modes, max 1 / mean 1.3e-5 for the
+        # teacher (was max 2, mean 0.05; 1 grey level allowed everywhere for other CPUs' kernels)
+        assert diff.max() <= 1 and diff.mean() < 1e-3
     assert not np.array_equal(batch[0], batch[2])  # same seed, different portrait
 
 
