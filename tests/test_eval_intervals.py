@@ -29,6 +29,13 @@ def test_interval_is_the_stated_percentile_bootstrap_exactly():
     assert s["ci95"]["lipsync_r"] == pytest.approx(by_hand(values, 500, 7), abs=1e-12)
 
 
+def test_default_interval_is_2000_resamples_with_seed_0():
+    """The published intervals were made with the defaults: 2,000 resamples, seed 0."""
+    values = [0.1, 0.5, 0.2, 0.9, 0.4, 0.3]
+    assert clip_summary([{"lipsync_r": x} for x in values])["ci95"]["lipsync_r"] == \
+        pytest.approx(by_hand(values, 2000, 0), abs=1e-12)
+
+
 def test_interval_width_is_the_normal_one_for_many_clips():
     """400 clips: the bootstrap interval's width is 2 x 1.96 x sd / sqrt(n) within 2% (measured: 0.3%)."""
     rng = np.random.default_rng(0)

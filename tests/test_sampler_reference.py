@@ -140,7 +140,8 @@ class Reference:
         B, L = self.B, self.L
         positions = [L - 1 - b["age"] for b in self.window]
         x = torch.cat([b["x"] for b in self.window], 2)
-        audio = None if any(b["audio"] is None for b in self.window) else torch.cat([b["audio"] for b in self.window], 1)
+        rows = [b["audio"] for b in self.window]
+        audio = None if any(r is None for r in rows) else torch.cat(rows, 1)
         for p in range(self.passes):
             sig = [self.sub_level(q, p) for q in positions for _ in range(B)]
             v, _ = self.call(x, sig, "window", self.window[0]["k"], audio)

@@ -10,8 +10,6 @@ k % pack. Seen to fail with the training audio one video frame early (the audio 
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 from avatarforcing.codecs.vae import MiniVAE
 from avatarforcing.config import preset
