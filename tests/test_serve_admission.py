@@ -181,5 +181,9 @@ def test_admission_counts_and_caps():
     with pytest.raises(RuntimeError), adm.session():
         raise RuntimeError
     assert adm.active == 0
+    one = Admission(max_sessions=1, max_pending=1, max_pending_per_client=1)
+    assert not one.crowded("new")  # a client with nothing waiting may wait, even when the per-client cap is 1
+    with one.waiting("new"):
+        assert one.crowded("new") and one.crowded("other")
     adm.shutting_down = True
     assert adm.full() and adm.refusal() == "server is shutting down"
