@@ -189,7 +189,7 @@ def test_stage1_blocks_at_their_window_levels(seed, monkeypatch):
               "clean": torch.randn(1, 4, n, 4, 4), "states": [torch.full((1, 4, n, 4, 4), float(j)) for j in range(L)]}
     seen = {}
 
-    def fake_forward(model, cfg_, ref, prev, prev_rows, x, sig, rows):
+    def fake_forward(model, cfg_, ref, prev, prev_rows, x, sig, rows, k):
         seen.update(x=x, sig=sig, prev=prev)
         return x * 0 + sig.view(1, 1, -1, 1, 1)
 
@@ -202,6 +202,39 @@ def test_stage1_blocks_at_their_window_levels(seed, monkeypatch):
         assert sig[f] == pytest.approx(levels[j])
     lv = [int(x[0, 0, f, 0, 0]) for f in range(0, x.shape[2], B)]
     assert lv == sorted(lv) and all(b - a == 1 for a, b in zip(lv, lv[1:]))  # oldest block least noisy
+
+
+@pytest.mark.parametrize("scheme", ["reindexed", "release"])
+@pytest.mark.parametrize("k", [0, 1])
+def test_ode_window_forward_equals_the_engine_step(scheme, k):
+    """The ODE stage's differentiable window step gives the engine's x0 (through the sampler reference, which
+    equals the engine) for a warm-up window (k=0) and a window after block 0 (k=1), in both position schemes.
+    Seen to fail with the window start hard-coded to n_temporal + 1 (the old code: wrong under ``release``)."""
+    from .test_sampler_reference import Reference, conditioned
+
+    B, L, nt = 2, 2, 1
+    cfg = tiny_cfg(positions=scheme, block_frames=B, window_blocks=L, temporal_anchor_frames=nt,
+                   denoising_steps=[1000, 500])
+    torch.manual_seed(0)
+    model = AvatarDiT(cfg.model).eval()
+    g = torch.Generator().manual_seed(4)
+    ref = torch.randn(1, 4, 1, 4, 4, generator=g)
+    prev, prev_rows = torch.randn(1, 4, B, 4, 4, generator=g), torch.randn(1, B, 4, 128, generator=g)
+    x, rows = torch.randn(1, 4, L * B, 4, 4, generator=g), torch.randn(1, L * B, 4, 128, generator=g)
+    levels = window_sigmas((1000, 500), cfg.stream.shift)
+    sig = [levels[lv] for lv in range(L) for _ in range(B)]
+    r = Reference(model, ref, 0, scheme, L, B, 1, nt, [1000, 500], cfg.stream.shift)
+    with torch.no_grad():
+        _, r.anchor_kv = model(conditioned(ref, ref, [True]), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long),
+                               audio=torch.zeros_like(rows[:, :1]), return_kv=True)
+        if k:
+            _, kv = r.call(prev, [0.0] * B, "clean", k - 1, prev_rows)
+            r.temporal_kv = [(kk[:, -nt * r.tpf:], vv[:, -nt * r.tpf:]) for kk, vv in kv]
+        v, _ = r.call(x, sig, "window", k, rows)
+        want = x - torch.tensor(sig).view(1, 1, -1, 1, 1) * v
+        got = stages.window_forward(model, cfg, ref, prev if k else None, prev_rows if k else None, x,
+                                    torch.tensor(sig), rows, k)
+    assert torch.allclose(got, want, atol=2e-6, rtol=0), (got - want).abs().max()
 
 
 def test_dmd_gradient_matches_hand_computation():

@@ -15,6 +15,7 @@ from ..codecs.audio import MelFrontEnd, with_anchor_row
 from ..codecs.vae import MiniVAE
 from ..config import Config
 from ..model import AvatarDiT, KVPrefix, pack_audio_rows
+from ..stream.positions import clean_layout, window_layout
 from ..stream.schedule import add_noise, shift_sigma, teacher_sigmas, window_sigmas
 from ..stream.teacher import teacher_velocity
 from ..stream.window import WindowSampler
@@ -170,37 +171,41 @@ def backfill_window(rng: np.random.Generator, n_blocks: int, L: int) -> tuple[in
 
 
 def window_forward(model: AvatarDiT, cfg: Config, ref_lat: Tensor, prev_clean: Tensor | None,
-                   prev_rows: Tensor | None, x: Tensor, sig: Tensor, rows: Tensor) -> Tensor:
-    """The engine's window step as one differentiable function (same positions and cache layout):
-    anchor pass (t=0, zero audio) -> clean pass of the previous block (its last n_temporal frames become
-    the temporal anchor) -> window pass over [anchor | temporal anchor | window]. Returns x0 of the window."""
+                   prev_rows: Tensor | None, x: Tensor, sig: Tensor, rows: Tensor, k: int) -> Tensor:
+    """The engine's window step as one differentiable function (the positions of ``stream/positions.py`` for
+    the configured scheme, the same cache layout): anchor pass (t=0, zero audio) -> clean pass of block k-1
+    (``prev_clean``; its last n_temporal frames become the temporal anchor) -> window pass over [anchor |
+    temporal anchor | window], whose oldest block is block ``k``. Returns x0 of the window.
+
+    Equal to the engine's step for k <= 1. For k >= 2 the clean pass of block k-1 sees the style anchor only,
+    where the engine's also sees block k-2's temporal frames (one level of history is kept, not the chain)."""
     s = cfg.stream
     nt = s.temporal_anchor_frames
-    start = nt + 1
     dev = x.device
     h, w = x.shape[-2:]
     one = torch.zeros(1, 1, device=dev)
     zero_rows = torch.zeros_like(rows[:, :1])
     ref_in = model.condition(ref_lat, ref_lat, torch.ones(1, dtype=torch.bool, device=dev))
     _, kv_a = model(ref_in, one, torch.zeros(1, dtype=torch.long, device=dev), audio=zero_rows, return_kv=True)
-    keys = [k for k, _ in kv_a]
+    keys = [k_ for k_, _ in kv_a]
     vals = [v for _, v in kv_a]
-    frames = [0]
-    if prev_clean is not None and nt:
+    present = nt if prev_clean is not None and nt else 0
+    layout = window_layout(s.positions, nt, present, k, s.block_frames)
+    if present:
         b = prev_clean.shape[2]
-        cos, sin = model.rope(torch.zeros(1, dtype=torch.long, device=dev), h, w)
+        clean = clean_layout(s.positions, nt, 0, k - 1, b)
+        cos, sin = model.rope(torch.tensor([clean.anchor], device=dev), h, w)
         pin = model.condition(prev_clean, ref_lat, torch.zeros(b, dtype=torch.bool, device=dev))
-        _, kv_p = model(pin, torch.zeros(1, b, device=dev), torch.arange(start, start + b, device=dev),
+        _, kv_p = model(pin, torch.zeros(1, b, device=dev), torch.arange(clean.start, clean.start + b, device=dev),
                         audio=prev_rows, prefix=KVPrefix(keys, vals, cos, sin), return_kv=True)
         tpf = kv_p[0][0].shape[1] // b
-        keys = [torch.cat([k, kp[:, -nt * tpf:]], 1) for k, (kp, _) in zip(keys, kv_p)]
+        keys = [torch.cat([k_, kp[:, -nt * tpf:]], 1) for k_, (kp, _) in zip(keys, kv_p)]
         vals = [torch.cat([v, vp[:, -nt * tpf:]], 1) for v, (_, vp) in zip(vals, kv_p)]
-        frames += list(range(start - nt, start))
-    cos, sin = model.rope(torch.tensor(frames, device=dev), h, w)
+    cos, sin = model.rope(torch.tensor([layout.anchor, *layout.temporal], device=dev), h, w)
     f = x.shape[2]
     xin = model.condition(x, ref_lat, torch.zeros(f, dtype=torch.bool, device=dev))
-    v = model(xin, (sig.float() * s.num_train_timesteps).view(1, f), torch.arange(start, start + f, device=dev),
-              audio=rows, prefix=KVPrefix(keys, vals, cos, sin))
+    v = model(xin, (sig.float() * s.num_train_timesteps).view(1, f),
+              torch.arange(layout.start, layout.start + f, device=dev), audio=rows, prefix=KVPrefix(keys, vals, cos, sin))
     return x - sig.view(1, 1, f, 1, 1) * v
 
 
@@ -226,7 +231,7 @@ def ode_loss(model: AvatarDiT, cfg: Config, sample: dict, rng: np.random.Generat
         prev = clean[:, :, (k0 - 1) * B: k0 * B]
         prev_rows = rows[:, 1 + (k0 - 1) * B: 1 + k0 * B]
     x0 = window_forward(model, cfg, sample["ref"], prev, prev_rows, x,
-                        torch.tensor(sig, device=x.device), win_rows)
+                        torch.tensor(sig, device=x.device), win_rows, k0)
     target = clean[:, :, k0 * B: (k0 + len(levels)) * B]
     loss = F.mse_loss(x0.float(), target.float())
     return loss, {"loss": loss.item(), "blocks": len(levels)}
