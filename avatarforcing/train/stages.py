@@ -204,8 +204,9 @@ def window_forward(model: AvatarDiT, cfg: Config, ref_lat: Tensor, prev_clean: T
     cos, sin = model.rope(torch.tensor([layout.anchor, *layout.temporal], device=dev), h, w)
     f = x.shape[2]
     xin = model.condition(x, ref_lat, torch.zeros(f, dtype=torch.bool, device=dev))
-    v = model(xin, (sig.float() * s.num_train_timesteps).view(1, f),
-              torch.arange(layout.start, layout.start + f, device=dev), audio=rows, prefix=KVPrefix(keys, vals, cos, sin))
+    pos = torch.arange(layout.start, layout.start + f, device=dev)
+    v = model(xin, (sig.float() * s.num_train_timesteps).view(1, f), pos, audio=rows,
+              prefix=KVPrefix(keys, vals, cos, sin))
     return x - sig.view(1, 1, f, 1, 1) * v
 
 
