@@ -89,6 +89,7 @@ def run_group(name: str, group: dict, children: int) -> dict:
     shutil.copytree(ROOT / "avatarforcing", work / "avatarforcing", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
     (work / "setup.cfg").write_text(setup_cfg(group))
+    (work / "mutants").mkdir()  # exists before Python starts, so the PYTHONPATH entry below is searched
     # one thread per mutant child; processes the tests spawn (the 2-process training test) import the mutants too
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(work / "mutants"))
     t0 = time.time()
