@@ -82,8 +82,10 @@ def statuses(work: Path) -> dict[str, str]:
     return {m[1]: m[2] for m in re.finditer(r"^\s*(\S+): (.+?)\s*$", out, re.M)}
 
 
-def run_group(name: str, group: dict, children: int) -> dict:
+def run_group(name: str, group: dict, children: int, recount: bool = False) -> dict:
     work = ROOT / "out" / "mutation" / name
+    if recount:  # re-read the last run's statuses (after editing mutation_equivalent.json), run nothing
+        return count(name, group, work, None)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     shutil.copytree(ROOT / "avatarforcing", work / "avatarforcing", ignore=shutil.ignore_patterns("__pycache__"))
@@ -95,6 +97,10 @@ def run_group(name: str, group: dict, children: int) -> dict:
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *group["functions"]],
                    cwd=work, env=env, check=False)
+    return count(name, group, work, round(time.time() - t0))
+
+
+def count(name: str, group: dict, work: Path, seconds: int | None) -> dict:
     every = statuses(work)
     counted = {m: s for m, s in every.items() if any(fnmatch.fnmatchcase(m, p) for p in group["functions"])}
     equivalent = json.loads((ROOT / "benchmarks" / "mutation_equivalent.json").read_text()).get(name, {})
@@ -109,7 +115,7 @@ def run_group(name: str, group: dict, children: int) -> dict:
     k, s = len(rows["killed"]), len(rows["survived"])
     return {"files": group["files"], "functions": group["functions"], "tests": group["tests"],
             "killed": k, "survived": s, "equivalent": len(rows["equivalent"]),
-            "kill_rate": round(k / max(k + s, 1), 3), "seconds": round(time.time() - t0),
+            "kill_rate": round(k / max(k + s, 1), 3), "seconds": seconds,
             "survivors": rows["survived"], "equivalents": {m: equivalent[m] for m in rows["equivalent"]},
             "not_counted": rows["other"]}
 
@@ -119,16 +125,22 @@ def main() -> None:
     ap.add_argument("--groups", default=",".join(GROUPS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutation.json"))
     ap.add_argument("--children", type=int, default=2)
+    ap.add_argument("--recount", action="store_true", help="recount the last run (equivalents edited), run nothing")
     args = ap.parse_args()
     path = Path(args.out)
     report = json.loads(path.read_text()) if path.exists() else {}
     for name in args.groups.split(","):
-        report[name] = run_group(name, GROUPS[name], args.children)
+        seconds = report.get(name, {}).get("seconds")
+        report[name] = run_group(name, GROUPS[name], args.children, args.recount)
+        if args.recount:
+            report[name]["seconds"] = seconds
         r = report[name]
         print(f"{name}: killed {r['killed']}, survived {r['survived']}, equivalent {r['equivalent']}, "
               f"kill rate {r['kill_rate']:.1%} ({r['seconds']} s)", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1) + "\n")  # after each group: a long run keeps what it did
+    total = {k: sum(report[g][k] for g in report if g in GROUPS) for k in ("killed", "survived", "equivalent")}
+    print(f"all: {total}, kill rate {total['killed'] / max(total['killed'] + total['survived'], 1):.1%}")
 
 
 if __name__ == "__main__":

@@ -308,3 +308,11 @@ def test_two_process_gloo_equals_one_process(tmp_path, fsdp):
     assert np.allclose(res[1][1], res[2][1], atol=1e-6)
     for a, b in zip(res[1][0], res[2][0]):
         assert torch.allclose(a, b, atol=1e-6)
+    # the 2-process checkpoint (gathered) resumes in one process: step, weights and EMA as the run left them
+    torch.manual_seed(0)
+    one = Trainer("ddp", torch.nn.Linear(3, 1), tmp_path / "w2", LoopConfig(steps=3, lr=0.1, ema_decay=0.5),
+                  torch.device("cpu"))
+    state = one.state()
+    assert one.step == 3 and state["step"] == 3
+    for a, b in zip([state["model"]["weight"], state["model"]["bias"], state["ema"]["weight"]], res[2][0]):
+        assert torch.equal(a, b)
