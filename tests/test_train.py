@@ -259,11 +259,13 @@ def _ddp_worker(rank, world, out, port, fsdp=False):
     Trainers (model, optimiser and EMA restored from the gathered checkpoint, re-sharded under FSDP)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    seconds = 0.0
     for steps in ([2, 3] if world > 1 else [3]):
         torch.manual_seed(0)
         m = torch.nn.Linear(3, 1)
         tr = Trainer("ddp", m, out, LoopConfig(steps=steps, lr=0.1, log_every=1, save_every=100, fsdp=fsdp,
                                                ema_decay=0.5), torch.device("cpu"))
+        assert rank or tr.seconds == seconds  # rank 0's training time so far (it wrote the checkpoint) is restored
 
         def step(s, micro, gen, tr=tr):
             g = step_generator(0, s)  # the global batch depends on the step only; each rank takes its share
@@ -273,7 +275,10 @@ def _ddp_worker(rank, world, out, port, fsdp=False):
             return loss, {"loss": loss.item()}
 
         tr.run(step, progress=False)
+        seconds = tr.seconds
         dist.barrier()  # the checkpoint of step 2 is on disk before anyone resumes from it
+    # a trainer without an EMA may resume a run that had one (the EMA is left out, not loaded into nothing)
+    assert Trainer("ddp", torch.nn.Linear(3, 1), out, LoopConfig(steps=3, fsdp=fsdp), torch.device("cpu")).step == 3
     full = tr.state()  # gathers the shards under FSDP
     if rank == 0:
         torch.save([full["model"][k] for k in ("weight", "bias")] + [full["ema"]["weight"]], out / "params.pt")
