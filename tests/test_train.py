@@ -109,6 +109,25 @@ def test_trainer_builds_what_its_config_says(tmp_path):
     assert tr.ema is None and tr.trained() is m and tr.forward_model is m and (tmp_path / "a" / "b").is_dir()
 
 
+def test_log_writes_json_lines_and_tensorboard_scalars(tmp_path, monkeypatch):
+    """Each record is one JSON line; numbers (not the step) also go to TensorBoard when it is installed (a
+    stand-in module here: tensorboard is not a dependency)."""
+    import json
+    import sys
+    import types
+
+    scalars = []
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = lambda path: types.SimpleNamespace(add_scalar=lambda *a: scalars.append(a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    tr = Trainer("t", torch.nn.Linear(2, 1), tmp_path, LoopConfig(), torch.device("cpu"))
+    tr.log({"step": 3, "loss": 0.5, "note": "x"})
+    tr.log({"step": 4, "loss": 0.25})
+    assert [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()] == \
+        [{"step": 3, "loss": 0.5, "note": "x"}, {"step": 4, "loss": 0.25}]
+    assert scalars == [("t/loss", 0.5, 3), ("t/loss", 0.25, 4)]
+
+
 def test_step_generator_streams_are_distinct_and_fixed():
     """A step's noise depends on (seed, step, rank) only, and no two of them share a stream: no collision over
     seeds 0-2, steps 0-999 and ranks 0-63 (seen to fail with the rank dropped, and with a step stride of 32)."""
@@ -259,26 +278,38 @@ def _ddp_worker(rank, world, out, port, fsdp=False):
     Trainers (model, optimiser and EMA restored from the gathered checkpoint, re-sharded under FSDP)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    seconds = 0.0
+    from torch.distributed.tensor import DTensor
+
+    seconds, saved_critic = 0.0, None
     for steps in ([2, 3] if world > 1 else [3]):
         torch.manual_seed(0)
         m = torch.nn.Linear(3, 1)
+        critic = torch.nn.Linear(3, 1)  # an extra module with its own optimiser, as DMD's critic (never sharded)
+        copt = torch.optim.SGD(critic.parameters(), lr=0.1)
         tr = Trainer("ddp", m, out, LoopConfig(steps=steps, lr=0.1, log_every=1, save_every=100, fsdp=fsdp,
-                                               ema_decay=0.5), torch.device("cpu"))
+                                               ema_decay=0.5), torch.device("cpu"), extra={"critic": critic},
+                     extra_optims={"critic": copt})
         assert rank or tr.seconds == seconds  # rank 0's training time so far (it wrote the checkpoint) is restored
+        assert rank or saved_critic is None or torch.equal(critic.weight, saved_critic)  # rank 0's critic restored
+        sharded = isinstance(next(m.parameters()), DTensor)
+        assert sharded == (fsdp and world > 1) and (tr.ddp is not None) == (not fsdp and world > 1)
 
-        def step(s, micro, gen, tr=tr):
+        def step(s, micro, gen, tr=tr, critic=critic, copt=copt):
             g = step_generator(0, s)  # the global batch depends on the step only; each rank takes its share
             x = torch.randn(8, 3, generator=g)[rank::world]
             y = x.sum(1, keepdim=True)
+            copt.zero_grad()
+            (critic(x) ** 2).mean().backward()
+            copt.step()
             loss = ((tr.forward_model(x) - y) ** 2).mean()
             return loss, {"loss": loss.item()}
 
         tr.run(step, progress=False)
-        seconds = tr.seconds
+        seconds, saved_critic = tr.seconds, critic.weight.detach().clone()
         dist.barrier()  # the checkpoint of step 2 is on disk before anyone resumes from it
     # a trainer without an EMA may resume a run that had one (the EMA is left out, not loaded into nothing)
-    assert Trainer("ddp", torch.nn.Linear(3, 1), out, LoopConfig(steps=3, fsdp=fsdp), torch.device("cpu")).step == 3
+    bare = Trainer("ddp", torch.nn.Linear(3, 1), out, LoopConfig(steps=3, fsdp=fsdp), torch.device("cpu"))
+    assert bare.step == 3 and bare.state()["ema"] is None
     full = tr.state()  # gathers the shards under FSDP
     if rank == 0:
         torch.save([full["model"][k] for k in ("weight", "bias")] + [full["ema"]["weight"]], out / "params.pt")

@@ -113,7 +113,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
-        """Full (unsharded) state; under FSDP every rank must call this (it gathers)."""
+        """Full (unsharded) state; under FSDP every rank must call this (it gathers). The extra modules and their
+        optimisers (e.g. the DMD critic) are never sharded and are saved as they are in every mode."""
+        extras = {"extra": {k: m.state_dict() for k, m in self.extra.items()},
+                  "extra_optims": {k: o.state_dict() for k, o in self.extra_optims.items()}}
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -124,13 +127,9 @@ class Trainer:
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return {"step": self.step, "seconds": self.seconds, "model": get_model_state_dict(self.model, options=full),
                     "optim": get_optimizer_state_dict(self.model, self.opt, options=full),
-                    "ema": get_model_state_dict(self.ema.model, options=full) if self.ema else None,
-                    "extra": {}, "extra_optims": {}}
+                    "ema": get_model_state_dict(self.ema.model, options=full) if self.ema else None, **extras}
         return {"step": self.step, "seconds": self.seconds, "model": self.model.state_dict(),
-                "optim": self.opt.state_dict(),
-                "ema": self.ema.model.state_dict() if self.ema else None,
-                "extra": {k: m.state_dict() for k, m in self.extra.items()},
-                "extra_optims": {k: o.state_dict() for k, o in self.extra_optims.items()}}
+                "optim": self.opt.state_dict(), "ema": self.ema.model.state_dict() if self.ema else None, **extras}
 
     def save(self) -> None:
         state = self.state()
@@ -151,12 +150,11 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.opt, s["optim"], options=full)
             if self.ema and s["ema"] is not None:
                 set_model_state_dict(self.ema.model, s["ema"], options=full)
-            self.step, self.seconds = s["step"], s.get("seconds", 0.0)
-            return
-        self.model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["optim"])
-        if self.ema and s["ema"] is not None:
-            self.ema.model.load_state_dict(s["ema"])
+        else:
+            self.model.load_state_dict(s["model"])
+            self.opt.load_state_dict(s["optim"])
+            if self.ema and s["ema"] is not None:
+                self.ema.model.load_state_dict(s["ema"])
         for k, m in self.extra.items():
             m.load_state_dict(s["extra"][k])
         for k, o in self.extra_optims.items():
