@@ -8,8 +8,8 @@ group's files there and runs, for every mutant of the group's functions, only th
 executed the mutated function. A mutant is *killed* when a test fails (or times out), *survived* otherwise;
 a survivor listed in ``benchmarks/mutation_equivalent.json`` with its reason counts as *equivalent* (it
 changes no behaviour: e.g. a default argument every caller passes). The kill rate is
-killed / (killed + survived). Not part of ``make test``: about 50 minutes for all groups on 2 cores (half of it the training group, whose
-load/state mutants each run the 2-process test).
+killed / (killed + survived). Not part of ``make test``: about 50 minutes for all groups on 2 cores (half of
+it the training group, whose load/state mutants each run the 2-process test).
 """
 
 from __future__ import annotations
