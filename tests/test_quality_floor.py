@@ -10,13 +10,10 @@ high -> 0.558: all below the floor. Not caught here (caught by ``test_sampler_re
 start one frame off -> 0.636.
 """
 
-import pytest
-
 FLOOR = 0.60
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_shipped_mini_keeps_lip_sync_on_a_held_out_clip(seed):
+def test_shipped_mini_keeps_lip_sync_on_a_held_out_clip():
     from avatarforcing.api import Avatar
     from avatarforcing.data.corpus import make_clip
     from avatarforcing.eval.longform import reference_frame
@@ -24,7 +21,7 @@ def test_shipped_mini_keeps_lip_sync_on_a_held_out_clip(seed):
     from avatarforcing.eval.nets import load_eval_nets
 
     spec, _, audio, gt = make_clip("heldout", 3, 1234, 10.0)
-    video = Avatar.load("mini").generate(reference_frame(spec, 128), audio, seed=seed)
+    video = Avatar.load("mini").generate(reference_frame(spec, 128), audio, seed=0)
     assert len(video) == 250
     r = lip_sync(load_eval_nets(), video, gt)["lipsync_r"]
     assert r > FLOOR, f"lip-sync r {r:.3f} on held-out clip 3 is below the floor {FLOOR} (measured 0.644)"
