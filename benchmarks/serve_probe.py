@@ -9,8 +9,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from avatarforcing.api import Avatar
-from avatarforcing.serve.app import Limits, create_app
+from avatarforcing.serve.app import create_app
 from avatarforcing.serve.client import start_message
+from avatarforcing.serve.spec import Limits
 
 av = Avatar.load("mini")
 def speech(s):

@@ -10,8 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from avatarforcing.api import Avatar
-from avatarforcing.serve.app import Limits, create_app
+from avatarforcing.serve.app import create_app
 from avatarforcing.serve.client import AvatarClient, parse_frame, start_message
+from avatarforcing.serve.spec import Limits
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ from fastapi.testclient import TestClient
 from avatarforcing.api import Avatar
 from avatarforcing.identities import identity_image
 from avatarforcing.serve.admission import Admission
-from avatarforcing.serve.app import Limits, create_app
+from avatarforcing.serve.app import create_app
 from avatarforcing.serve.client import parse_frame, start_message
+from avatarforcing.serve.spec import Limits
 
 from .test_serve import run_stream, speech
 
@@ -60,9 +61,9 @@ def jpeg(frames: np.ndarray, quality: int) -> np.ndarray:
     """The frames through the server's JPEG encoder and back."""
     from PIL import Image
 
-    from avatarforcing.serve.app import _encode_jpeg
+    from avatarforcing.serve.protocol import encode_jpeg
 
-    return np.stack([np.asarray(Image.open(io.BytesIO(_encode_jpeg(f, quality))).convert("RGB"))
+    return np.stack([np.asarray(Image.open(io.BytesIO(encode_jpeg(f, quality))).convert("RGB"))
                      for f in frames.astype(np.uint8)]).astype(np.float32)
 
 

@@ -19,8 +19,9 @@ import pytest
 
 from avatarforcing.data.image import load_image
 from avatarforcing.errors import InputError
-from avatarforcing.serve.app import Limits, create_app
+from avatarforcing.serve.app import create_app
 from avatarforcing.serve.client import AvatarClient, StreamError, start_message
+from avatarforcing.serve.spec import Limits
 
 from .test_serve import _free_port, _rss_mb, client, speech
 
@@ -434,7 +435,8 @@ def test_page_endpoints_bounded(avatar):
     """/prepare and /speak refuse oversized or bad input with JSON errors, and queue only a few jobs."""
     import asyncio
 
-    from avatarforcing.serve.app import ClientError, Gate
+    from avatarforcing.serve.admission import Gate
+    from avatarforcing.serve.protocol import ClientError
 
     with client(avatar, max_message_bytes=10_000) as c:
         r = c.post("/prepare", content=b"x" * 20_000)

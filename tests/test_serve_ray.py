@@ -20,9 +20,10 @@ K = 2  # sessions per replica
 @pytest.fixture(scope="module")
 def cluster():
     from avatarforcing.serve import ray as afray
+    from avatarforcing.serve.spec import Limits, RayOptions, ServingSpec
 
     port = _free_port()
-    afray.start(model="mini", port=port, sessions=K, replicas=2, num_cpus=2)
+    afray.start(ServingSpec(port=port, limits=Limits(max_sessions=K), ray=RayOptions(replicas=2, num_cpus=2)))
     yield port
     afray.stop()
 

@@ -27,12 +27,7 @@ from .metrics import CorpusFeatures, TorchScriptFeatures, evaluate_video, freche
 from .nets import EVAL_WEIGHTS, load_eval_nets
 from .syncnet_v2 import load_syncnet_v2
 
-ABLATIONS = {
-    "no-style-anchor": Options(style_anchor=False),
-    "no-rope-reindex": Options(rope_reindex=False),
-    "no-audio-zero-pad": Options(audio_zero_pad=False),
-    "no-temporal-anchor": Options(temporal_anchor=False),
-}
+ABLATIONS = {f"no-{name}": Options.without(name) for name in Options.names()}  # the paper's ablations
 # the method with a config field changed: the release's position scheme (stream/positions.py)
 VARIANTS = {"release-positions": {"stream.positions": "release"}}
 # "real": the held-out render itself, scored the same way (the ceiling of every metric); "codec": the render

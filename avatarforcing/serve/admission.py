@@ -5,12 +5,19 @@ A WebSocket passes two gates. While it has not sent a valid ``start`` it is *pen
 cannot crowd out real streams; a pending connection holds no session slot. Then it is *active*: at most
 ``max_sessions`` at once, checked before the connection may wait and again when its ``start`` arrives
 (another connection may have taken the last slot meanwhile). After shutdown begins nobody is admitted.
+
+Besides: ``Pool``, the open streams (for shutdown and the queue gauge); ``Gate``, a bounded line for the
+HTTP jobs that run the CPU (``/speak``, ``/prepare``); ``origin_allowed``, the WebSocket Origin rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import asyncio
+from collections.abc import Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from urllib.parse import urlsplit
+
+from .protocol import ClientError
 
 
 class Admission:
@@ -57,3 +64,41 @@ class Admission:
             yield
         finally:
             self.active -= 1
+
+
+class Pool:
+    """The open streams of one serving process, and the audio they have read but not processed yet."""
+
+    def __init__(self):
+        self.streams: set = set()  # objects with ``async close(code, message)``
+        self.queued = 0  # samples read from the sockets and not processed yet, all streams
+
+    async def close_all(self, code: str, message: str) -> None:
+        await asyncio.gather(*(s.close(code, message) for s in list(self.streams)))
+
+
+class Gate:
+    """At most ``active`` jobs at once and ``waiting`` in line; the next is refused (503), so a flood of
+    requests cannot queue unbounded CPU work behind the streams."""
+
+    def __init__(self, active: int, waiting: int, what: str):
+        self.sem, self.waiting, self.what, self.queued = asyncio.Semaphore(active), waiting, what, 0
+
+    @asynccontextmanager
+    async def __call__(self):
+        if self.queued >= self.waiting:
+            raise ClientError("unavailable", f"{self.what} is busy; retry in a moment")
+        self.queued += 1
+        try:
+            async with self.sem:
+                yield
+        finally:
+            self.queued -= 1
+
+
+def origin_allowed(headers: Mapping[str, str], allow_origins: tuple[str, ...]) -> bool:
+    """No Origin (not a browser), the page's own host, or an origin on the allow-list ('*': any)."""
+    origin = headers.get("origin")
+    if origin is None or "*" in allow_origins or origin in allow_origins:
+        return True
+    return urlsplit(origin).netloc == headers.get("host")

@@ -119,9 +119,11 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
         proc.wait(30)
     if ray_replicas:
         from . import ray as afray
+        from .spec import Limits, RayOptions, ServingSpec
 
-        port = _free_port()
-        afray.start(model=model, port=port, sessions=-(-max(sessions) // ray_replicas), replicas=ray_replicas)
+        port, per_replica = _free_port(), -(-max(sessions) // ray_replicas)
+        afray.start(ServingSpec(model=model, port=port, limits=Limits(max_sessions=per_replica),
+                                ray=RayOptions(replicas=ray_replicas)))
         try:
             results += _sweep(port, sessions, seconds, f"ray, {ray_replicas} replicas")
         finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-FRAME_HEADER = struct.Struct("<Id")
+from .protocol import FRAME_HEADER
 
 
 @dataclass

@@ -8,7 +8,7 @@
   buffered), no per-message compression (no inflation bombs); pings every 20 s keep proxies from dropping
   the connection, but a late pong does not close a stream: behind a client's buffered audio a pong can be
   late on a healthy connection, and dead or idle clients are closed by the stream's own idle and send
-  timeouts (app.py);
+  timeouts (stream.py);
 * on SIGTERM / SIGINT open streams get the documented ``shutdown`` frame before uvicorn closes sockets.
 """
 
@@ -19,7 +19,8 @@ import asyncio
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .app import Limits
+from .app import create_app
+from .spec import Limits, ServingSpec
 
 HEAD_LIMIT = 16 * 1024
 
@@ -118,3 +119,8 @@ def server(app, host: str, port: int, limits: Limits, **kw) -> Server:
 
 def run(app, host: str, port: int, limits: Limits) -> None:
     server(app, host, port, limits).run()
+
+
+def serve(spec: ServingSpec) -> None:
+    """``avatarforcing serve``: the model loaded once, the app, uvicorn; until SIGINT / SIGTERM."""
+    run(create_app(spec.load_avatar(), spec.limits), spec.host, spec.port, spec.limits)

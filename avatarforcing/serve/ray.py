@@ -1,11 +1,14 @@
 """Many avatars across GPUs and machines: the same server app, replicated by Ray Serve (``serve --ray``).
 
     clients --ws/http--> Ray Serve proxy --(one replica per connection, for its whole life)--> replica i
-    replica i = AvatarReplica: one device, ``Avatar.load`` once, ``create_app`` with K session slots
+    replica i = AvatarReplica(spec): one device, ``spec.load_avatar()`` once, ``create_app`` with K slots
     MetricsHub (one Ray actor): each replica reports a snapshot every second; /metrics on any replica
     renders the sum and a per-replica series; recordings are copied there, so any replica serves a download
 
-Admission: a replica accepts at most K sessions (``Limits.max_sessions``); the router sends a new connection
+The whole ``ServingSpec`` is a replica's one argument: every option that reaches the single-process server
+reaches every replica (model, device, dtype, engine, prompt, every limit).
+
+Admission: a replica accepts at most K sessions (``spec.limits.max_sessions``); the router sends a new connection
 to the least loaded replica and lets a full one take one more connection (``max_ongoing_requests = K + 1``;
 a replica rejects beyond that and the router tries another) so that when every replica is full the client
 gets the protocol's ``busy`` frame from a replica, not an HTTP error from the proxy. A burst of connections
@@ -26,6 +29,7 @@ import socket
 import time
 
 from ..errors import AvatarForcingError
+from .spec import RayOptions, ServingSpec
 
 HUB = "avatarforcing-metrics"
 NAMESPACE = "avatarforcing"
@@ -79,7 +83,7 @@ def hub_actor():
 
 def shared_recordings(limits, hub):
     """Recordings kept locally and copied to the hub, so the download works whichever replica serves it."""
-    from .app import Recordings
+    from .recordings import Recordings
 
     class SharedRecordings(Recordings):
         def add(self, token, path) -> None:
@@ -93,23 +97,21 @@ def shared_recordings(limits, hub):
 
 
 class AvatarReplica:
-    """One Ray Serve replica: the model on one device and the server app with ``sessions`` slots."""
+    """One Ray Serve replica: the model on one device and the server app, built from the whole spec."""
 
-    def __init__(self, model: str, device: str, sessions: int, dtype: str | None = None,
-                 prompt: str | None = None, limits: dict | None = None):
-        from ..api import Avatar
-        from .app import Limits, create_app
+    def __init__(self, spec: ServingSpec):
+        from .app import create_app
 
         ray, _ = _ray()
+        device = spec.device
         if device == "cuda" and ray.get_gpu_ids():
             device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to this replica's GPU
+        self.spec = spec
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        avatar = Avatar.load(model, device, dtype=dtype)
-        avatar.prompts.set_default(prompt)
         self.hub = hub_actor()
-        lim = Limits(max_sessions=sessions, **(limits or {}))
-        self.server_app = create_app(avatar, lim, replica=self.name, metrics_source=self._all_metrics,
-                                     recordings=shared_recordings(lim, self.hub))
+        self.server_app = create_app(spec.load_avatar(device), spec.limits, replica=self.name,
+                                     metrics_source=self._all_metrics,
+                                     recordings=shared_recordings(spec.limits, self.hub))
         self._reporter: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
@@ -135,40 +137,41 @@ class AvatarReplica:
         return await self.hub.all.remote()
 
 
-def deployment(model: str = "mini", device: str = "cpu", sessions: int = 2, replicas: int | None = 1,
-               autoscale: tuple[int, int] | None = None, gpus_per_replica: float = 0.0, dtype: str | None = None,
-               prompt: str | None = None, limits: dict | None = None):
-    """The bound Ray Serve application (``serve.run`` it)."""
-    _, serve = _ray()
-    options = {"max_ongoing_requests": sessions + 1, "max_queued_requests": 64,
-               "ray_actor_options": {"num_gpus": gpus_per_replica, "num_cpus": 0},
+def deployment_options(spec: ServingSpec) -> dict:
+    """Ray Serve's deployment options for the spec (``Limits.max_sessions`` slots per replica)."""
+    r, k = spec.ray or RayOptions(), spec.limits.max_sessions
+    options = {"max_ongoing_requests": k + 1, "max_queued_requests": 64,
+               "ray_actor_options": {"num_gpus": r.gpus_per_replica, "num_cpus": 0},
                "health_check_period_s": 2, "graceful_shutdown_timeout_s": 5}
-    if autoscale:
-        lo, hi = autoscale
+    if r.autoscale:
+        lo, hi = r.autoscale
         options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
-                                         "target_ongoing_requests": max(1.0, 0.7 * sessions),
+                                         "target_ongoing_requests": max(1.0, 0.7 * k),
                                          "upscale_delay_s": 5, "downscale_delay_s": 60}
     else:
-        options["num_replicas"] = replicas
-    cls = serve.deployment(serve.ingress()(AvatarReplica), name="avatarforcing", **options)
-    return cls.bind(model, device, sessions, dtype, prompt, limits)
+        options["num_replicas"] = r.replicas
+    return options
 
 
-def start(model: str = "mini", host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          sessions: int = 2, replicas: int | None = 1, autoscale: tuple[int, int] | None = None,
-          gpus_per_replica: float = 0.0, address: str | None = None, dtype: str | None = None,
-          prompt: str | None = None, limits: dict | None = None, num_cpus: int | None = None) -> None:
-    """Connect to (``address``) or start a local Ray cluster, deploy, return once every replica is up."""
+def deployment(spec: ServingSpec):
+    """The bound Ray Serve application (``serve.run`` it): every replica is built from ``spec``, whole."""
+    _, serve = _ray()
+    cls = serve.deployment(serve.ingress()(AvatarReplica), name="avatarforcing", **deployment_options(spec))
+    return cls.bind(spec)
+
+
+def start(spec: ServingSpec) -> None:
+    """Connect to (``spec.ray.address``) or start a local Ray cluster, deploy, return once every replica is up."""
     ray, serve = _ray()
+    r = spec.ray or RayOptions()
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING")
+        if r.address:
+            ray.init(address=r.address, namespace=NAMESPACE, logging_level="WARNING")
         else:
-            ray.init(namespace=NAMESPACE, num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
-    serve.start(http_options={"host": host, "port": port})
+            ray.init(namespace=NAMESPACE, num_cpus=r.num_cpus, include_dashboard=False, logging_level="WARNING")
+    serve.start(http_options={"host": spec.host, "port": spec.port})
     hub_actor()
-    serve.run(deployment(model, device, sessions, replicas, autoscale, gpus_per_replica, dtype, prompt, limits),
-              name="avatarforcing", route_prefix="/")
+    serve.run(deployment(spec), name="avatarforcing", route_prefix="/")
 
 
 def stop() -> None:
@@ -183,12 +186,11 @@ def stop() -> None:
         ray.shutdown()
 
 
-def serve_forever(**kw) -> None:
+def serve_forever(spec: ServingSpec) -> None:
     """``avatarforcing serve --ray``: deploy, then wait for SIGINT/SIGTERM and take the deployment down."""
-    start(**kw)
-    where = "an existing Ray cluster" if kw.get("address") else "a local Ray cluster"
-    print(f"avatarforcing serve --ray: ready at http://{kw.get('host', '127.0.0.1')}:{kw.get('port', 8000)}/ on "
-          f"{where}", flush=True)
+    start(spec)
+    where = "an existing Ray cluster" if spec.ray and spec.ray.address else "a local Ray cluster"
+    print(f"avatarforcing serve --ray: ready at http://{spec.host}:{spec.port}/ on {where}", flush=True)
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))

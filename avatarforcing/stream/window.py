@@ -28,16 +28,9 @@ from torch import Tensor
 from ..config import Config
 from ..model import AvatarDiT
 from .kv import KVBuffer
+from .options import Options
 from .positions import Layout, clean_layout, window_layout
 from .schedule import add_noise, window_sigmas
-
-
-@dataclass
-class Options:
-    style_anchor: bool = True
-    rope_reindex: bool = True
-    audio_zero_pad: bool = True
-    temporal_anchor: bool = True
 
 
 @dataclass

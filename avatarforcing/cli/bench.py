@@ -1,0 +1,70 @@
+"""``avatarforcing bench``: speed benchmarks that print JSON and compare variants in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import AvatarForcingError
+
+
+def add(sub) -> None:
+    b = sub.add_parser("bench", help="speed benchmarks (JSON)",
+                       description="speed: the streaming engine (DiT + VAE) per step; codec: VAE decode rate; "
+                                   "serve: load test of the server on 127.0.0.1 with real-time clients; "
+                                   "audio-rows: streaming wav2vec2 rows against whole-clip rows.")
+    b.add_argument("what", choices=["speed", "codec", "serve", "audio-rows"])
+    b.add_argument("--model", default="mini", choices=["mini", "wan-1.3b"])
+    b.add_argument("--frames", type=int, default=1000)
+    b.add_argument("--modes", default="avatarforcing,ar", help="comma-separated samplers to compare")
+    b.add_argument("--variants", help="bench speed: engine variants to compare with eager, e.g. "
+                                      "eager,compiled,graphs,fp8,fp8+graphs (model/fast.py)")
+    b.add_argument("--weights", help="bench speed --variants: a model folder or shipped name (mini) whose trained "
+                                     "DiT replaces the random one")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--json", help="write the JSON result here")
+    b.add_argument("--sessions", default="1,2,4", help="bench serve: concurrent sessions to try, in turn")
+    b.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds of audio per session")
+    b.add_argument("--ray", action="store_true", help="bench serve: also the same sweep against serve --ray")
+    b.add_argument("--replicas", type=int, default=2, help="bench serve --ray: replicas")
+    b.add_argument("--audio-model", help="bench audio-rows: a wav2vec2-base-960h folder")
+    b.add_argument("--audio", help="bench audio-rows: a speech file")
+    b.add_argument("--left", default="25,50,100", help="bench audio-rows: left contexts to try (video frames)")
+    b.add_argument("--lookahead", default="0,2,4,8", help="bench audio-rows: look-aheads to try (video frames)")
+    b.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..eval.bench import run_codec, speed_main
+
+    if args.what == "speed":
+        modes = args.modes.split(",")
+        variants = args.variants.split(",") if args.variants else None
+        speed_main(args.model, args.frames, args.device, args.dtype, args.json, modes, variants, args.weights)
+    elif args.what == "codec":
+        from ..config import preset
+
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        res = [run_codec(preset(args.model), torch.device(args.device), dt)]
+        if torch.cuda.is_available() and args.model == "mini":
+            res.append(run_codec(preset("wan-1.3b"), torch.device("cuda"), torch.bfloat16, latents=12))
+        text = json.dumps(res if len(res) > 1 else res[0], indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+    elif args.what == "audio-rows":
+        from ..eval.bench import audio_rows_main
+
+        if not args.audio_model or not args.audio:
+            raise AvatarForcingError("bench audio-rows needs --audio-model (a wav2vec2-base-960h folder) and --audio")
+        audio_rows_main(args.audio_model, args.audio, [int(x) for x in args.left.split(",")],
+                        [int(x) for x in args.lookahead.split(",")], json_path=args.json)
+    else:
+        from ..serve.bench import bench_serve
+
+        bench_serve(args.model, [int(x) for x in args.sessions.split(",")], args.seconds, args.json,
+                    ray_replicas=args.replicas if args.ray else None)
+    return 0

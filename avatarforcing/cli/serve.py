@@ -1,0 +1,79 @@
+"""``avatarforcing serve``: the flags become one ``ServingSpec``, run by one process or replicated by Ray."""
+
+from __future__ import annotations
+
+from ..errors import AvatarForcingError
+from ..serve.spec import Limits, RayOptions, ServingSpec
+from .common import add_prompt_args, prompt
+
+SESSIONS, SESSIONS_PER_REPLICA = 4, 2  # default session slots: one server, one Ray replica
+
+
+def add(sub) -> None:
+    v = sub.add_parser("serve", help="real-time WebSocket server and browser page",
+                       description="FastAPI + uvicorn: WebSocket /ws (docs/protocol.md), the browser page at /, "
+                                   "/healthz and /metrics (Prometheus).")
+    v.add_argument("--model", default="mini")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-sessions", type=int, metavar="K",
+                   help=f"session slots of the server (default {SESSIONS}); under --ray: of each replica (default "
+                        f"{SESSIONS_PER_REPLICA})")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--allow-origin", action="append", help="a web origin (https://example.org) whose pages may "
+                                                           "open streams, besides this server's own page; '*': any")
+    v.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
+    r = v.add_argument_group("Ray Serve (many replicas, GPUs, machines; pip install -e '.[ray]')")
+    r.add_argument("--ray", action="store_true", help="serve as a Ray Serve application")
+    r.add_argument("--replicas", type=int, default=2, help="fixed number of replicas (default 2)")
+    r.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale replicas on live sessions instead")
+    r.add_argument("--sessions-per-replica", type=int, dest="max_sessions", metavar="K",
+                   help="the same as --max-sessions")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica owns (1 with --device cuda)")
+    r.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://head:10001); default: start one")
+    add_prompt_args(v)
+    v.set_defaults(func=run)
+
+
+def spec(args) -> ServingSpec:
+    """The whole serving spec from the flags (validated here, before anything loads)."""
+    ray = None
+    if args.ray:
+        autoscale = None
+        if args.autoscale:
+            try:
+                lo, hi = (int(x) for x in args.autoscale.split(":"))
+            except ValueError:
+                raise AvatarForcingError(f"--autoscale {args.autoscale!r}: expected MIN:MAX, e.g. 1:4") from None
+            if not 1 <= lo <= hi:
+                raise AvatarForcingError(f"--autoscale {args.autoscale!r}: need 1 <= MIN <= MAX")
+            autoscale = (lo, hi)
+        if args.replicas < 1:
+            raise AvatarForcingError(f"--replicas {args.replicas}: need at least 1")
+        ray = RayOptions(replicas=args.replicas, autoscale=autoscale, gpus_per_replica=args.gpus_per_replica,
+                         address=args.address)
+    elif args.autoscale or args.address:
+        raise AvatarForcingError("--autoscale and --address are options of --ray")
+    sessions = args.max_sessions if args.max_sessions is not None else SESSIONS_PER_REPLICA if args.ray else SESSIONS
+    if sessions < 1:
+        raise AvatarForcingError(f"--max-sessions {sessions}: need at least 1")
+    if args.engine:
+        from ..model import fast
+
+        fast.parse(args.engine)  # a bad name fails here, not in every replica
+    limits = Limits(max_sessions=sessions, allow_origins=tuple(args.allow_origin or ()), docs=args.docs)
+    return ServingSpec(model=args.model, device=args.device, dtype=args.dtype, engine=args.engine,
+                       host=args.host, port=args.port, limits=limits, ray=ray, **prompt(args))
+
+
+def run(args) -> int:
+    s = spec(args)
+    if s.ray is not None:
+        from ..serve.ray import serve_forever
+
+        serve_forever(s)
+    else:
+        from ..serve.http import serve
+
+        serve(s)
+    return 0

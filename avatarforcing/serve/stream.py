@@ -1,0 +1,224 @@
+"""One started stream, from 'start' to 'done': the per-stream pump (the ``/ws`` route admits it, app.py).
+
+    Stream.run: open (session, prompt, recording) -> 'ready', then
+        read : socket -> queue of PCM  (up to max_buffered_seconds ahead of the model; then it waits)
+        run  : queue -> session.push (at most push_seconds a push, in a worker thread) -> emit
+        emit : frames -> JPEG messages (each send bounded: slow_consumer), stats every fps frames
+    -> 'done' (+ recording) and close 1000; or 'error' and its close code (fail)
+
+A session holds its slot only while it streams. A session whose audio falls ``idle_timeout_s`` behind the
+wall clock, or that runs past ``max_session_seconds``, is closed; a client that stops reading frames for
+``send_timeout_s`` is closed (backpressure). Nothing of a stream outlives its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+
+import numpy as np
+
+from ..errors import AvatarForcingError
+from .connection import Connection, Shared
+from .protocol import ClientError, StartRequest, bounded, decode_pcm, frame_message, parse_control
+from .spec import Limits
+
+log = logging.getLogger("avatarforcing.serve")
+
+
+class Stream:
+    """One started stream: ``run`` opens the session and pumps audio into frames until 'end' or an error."""
+
+    def __init__(self, conn: Connection, req: StartRequest, shared: Shared):
+        self.conn, self.req, self.shared, self.limits = conn, req, shared, shared.limits
+        self.codec = shared.avatar.cfg.codec
+        self.closing = False  # the server is closing this stream (shutdown): later failures are not errors
+        self.tasks: list[asyncio.Task] = []
+        self.queue: asyncio.Queue = asyncio.Queue()  # PCM chunks, then None for 'end'
+        self.room = asyncio.Event()  # set while the queue has room (backpressure on the reader)
+        self.room.set()
+        self.received = self.buffered = self.sent = 0  # samples read, samples queued, frames sent
+        self.arrived: list[float] = []  # wall time at which audio up to each frame arrived
+        self.session = None
+        self.writer, self.token, self.path = None, None, None  # the recording, if asked for
+        self.t_start = 0.0
+
+    async def close(self, code: str, message: str) -> None:
+        """Closed by the server (shutdown): the error frame, then stop the reader."""
+        if self.closing:
+            return
+        self.closing = True
+        await self.conn.close_with_error(code, message)
+        for t in self.tasks:
+            t.cancel()
+
+    async def fail(self, e: Exception) -> None:
+        """The stream ended by an error: the client gets its code (a reference for internal faults)."""
+        if self.closing:
+            return  # the server closed this stream (shutdown): what failed after that is not an error
+        metrics = self.shared.metrics
+        metrics.add("errors_total")
+        if isinstance(e, ClientError):
+            log.info("client error: %s %s", e.code, bounded(e, 120))
+            await self.close(e.code, str(e))
+        else:  # the client gets a reference, not internals; the log gets the traceback
+            metrics.add("internal_errors_total")
+            ref = secrets.token_hex(4)
+            log.error("internal error in a stream (ref %s)", ref, exc_info=e)
+            await self.close("internal", f"internal server error (ref {ref}, logged)")
+
+    async def open(self) -> None:
+        """The session (and the prompt's context, and the recording) for the 'start' request."""
+        avatar, req, loop = self.shared.avatar, self.req, asyncio.get_running_loop()
+        if req.prompt is not None:
+            try:
+                await loop.run_in_executor(None, lambda: avatar.context(req.prompt))
+            except AvatarForcingError as e:
+                raise ClientError("bad_prompt", str(e)) from None
+        try:
+            image = req.image if isinstance(req.image, np.ndarray) else checked_image(req.image, self.limits)
+            self.session = await loop.run_in_executor(None, lambda: avatar.session(image, seed=req.seed,
+                                                                                    prompt=req.prompt))
+        except AvatarForcingError as e:
+            raise ClientError("bad_image", str(e)) from None
+        if req.record:
+            from ..data.video import VideoWriter
+
+            self.token, self.path = self.shared.recordings.new_path()
+            self.writer = VideoWriter(self.path, fps=self.codec.fps, sample_rate=self.codec.sample_rate)
+
+    async def read(self) -> None:
+        """Drain the socket into the queue: keepalive pings keep being answered whatever the client sends."""
+        limits, rate = self.limits, self.codec.sample_rate
+        while True:
+            wall = time.monotonic() - self.t_start
+            idle_in = self.t_start + self.received / rate + limits.idle_timeout_s - time.monotonic()
+            limit_in = limits.max_session_seconds - wall
+            code, why = ("idle_timeout", f"no audio for {limits.idle_timeout_s:.0f} s (the stream's audio fell "
+                                         f"that far behind real time)") if idle_in < limit_in else \
+                ("limit", f"session reached {limits.max_session_seconds:.0f} s")
+            msg = await self.conn.receive(min(idle_in, limit_in), code, why)
+            if msg.get("bytes") is None:
+                parse_control(msg["text"])  # 'end'
+                self.queue.put_nowait(None)
+                return
+            pcm = decode_pcm(msg["bytes"], self.req.fmt)
+            if not len(pcm):
+                continue  # no work, no credit: an empty message does not keep a session alive
+            self.received += len(pcm)
+            if self.received > limits.max_session_seconds * rate:
+                raise ClientError("limit", f"session exceeded {limits.max_session_seconds:.0f} s of audio")
+            now = time.monotonic()
+            self.arrived.extend([now] * (self.received // self.codec.samples_per_frame - len(self.arrived)))
+            self._buffer(len(pcm))
+            self.queue.put_nowait(pcm)
+            if self.buffered > limits.max_buffered_seconds * rate:
+                self.room.clear()
+                await self.room.wait()  # backpressure: the processor catches up (faster than real time)
+
+    def _buffer(self, n: int) -> None:
+        """``n`` samples enter the queue (negative: leave it)."""
+        self.buffered += n
+        self.shared.pool.queued += n
+        if self.buffered <= self.limits.max_buffered_seconds * self.codec.sample_rate:
+            self.room.set()
+
+    async def next_audio(self, read_task: asyncio.Task) -> tuple[np.ndarray, bool] | None:
+        """Queued audio up to ``push_seconds`` and whether 'end' came with it; None if the server closed the
+        stream. A failed reader raises its error here."""
+        while True:
+            getter = asyncio.ensure_future(self.queue.get())
+            done, _ = await asyncio.wait({getter, read_task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                break
+            getter.cancel()
+            if read_task.cancelled():
+                return None  # the server closed this stream (shutdown)
+            read_task.result()  # the reader failed: raise its error
+        items = [getter.result()]
+        while not self.queue.empty() and items[-1] is not None and \
+                sum(len(x) for x in items) < self.limits.push_seconds * self.codec.sample_rate:
+            items.append(self.queue.get_nowait())
+        pcm = np.concatenate([x for x in items if x is not None] or [np.zeros(0, np.float32)])
+        self._buffer(-len(pcm))
+        return pcm, items[-1] is None
+
+    async def emit(self, batches: list[np.ndarray]) -> None:
+        c, metrics = self.codec, self.shared.metrics
+        ahead = int(self.session.lookahead_ms * c.fps / 1000)  # frames of audio a frame waits for
+        for frames in batches:
+            if self.writer is not None:
+                self.writer.write(frames)
+            for f in frames:
+                n = self.sent
+                await self.conn.send(data=frame_message(n, c.fps, f, self.limits.jpeg_quality))
+                self.sent = n + 1
+                metrics.add("frames_total")
+                need = n + ahead
+                lat = 1000 * (time.monotonic() - self.arrived[need]) if need < len(self.arrived) else None
+                if lat is not None and lat > self.limits.late_ms:
+                    metrics.add("frames_late_total")
+                if (n + 1) % c.fps == 0:
+                    await self.conn.send(json.dumps({"type": "stats", "frames": n + 1, "latency_ms": lat,
+                                                     "fps": (n + 1) / (time.monotonic() - self.t_start),
+                                                     "lookahead_ms": self.session.lookahead_ms,
+                                                     "sessions": self.shared.admission.active}))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.open()
+        c, session = self.codec, self.session
+        ready = {"type": "ready", "width": c.width, "height": c.height, "fps": c.fps,
+                 "lookahead_ms": session.lookahead_ms, "frame_header": "<Id"}
+        if self.shared.replica is not None:
+            ready["replica"] = self.shared.replica
+        await self.conn.send(json.dumps(ready))
+        self.t_start = time.monotonic()
+        read_task = asyncio.ensure_future(self.read())
+        self.tasks.append(read_task)
+        try:
+            while True:
+                got = await self.next_audio(read_task)
+                if got is None:
+                    return
+                pcm, final = got
+                if self.writer is not None:
+                    self.writer.add_audio(pcm)
+                steps = session.stats.steps
+                t0 = time.perf_counter()
+                out = await loop.run_in_executor(None, session.push, pcm)
+                if final:
+                    out += await loop.run_in_executor(None, session.close)
+                if session.stats.steps > steps:
+                    self.shared.metrics.observe_step(time.perf_counter() - t0)
+                await self.emit(out)
+                if final:
+                    return await self.finish()
+        finally:
+            read_task.cancel()
+            self.shared.pool.queued -= self.buffered  # what this stream left unprocessed
+            if self.writer is not None:  # an unfinished recording is not kept
+                try:
+                    self.writer.close()
+                finally:
+                    self.path.unlink(missing_ok=True)
+
+    async def finish(self) -> None:
+        done = {"type": "done", "frames": self.sent}
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            self.shared.recordings.add(self.token, self.path)
+            done["recording"] = f"/recordings/{self.token}.mp4"
+        await self.conn.send(json.dumps(done))
+        await asyncio.wait_for(self.conn.ws.close(1000), timeout=1.0)
+
+
+def checked_image(data: bytes, limits: Limits):
+    """An uploaded portrait, its size checked from the header before decoding."""
+    from ..data.image import load_image
+
+    return load_image(data, max_pixels=limits.max_image_pixels)
