@@ -143,7 +143,7 @@ class Avatar:
     def prepare_reference(self, image) -> Tensor:
         c = self.cfg.codec
         mode = "square" if c.vae == "mini" else "fit"
-        arr = prepare_image(load_image(image), c.height, c.width, mode=mode,
+        arr = prepare_image(load_image(image, exif_rotate=c.exif_rotate), c.height, c.width, mode=mode,
                             min_side=min(c.height, c.width) // 2, name=str(image)[:200], filter=c.image_filter)
         return torch.from_numpy(arr)[None].to(self.device, self.dtype)
 

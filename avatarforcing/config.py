@@ -2,7 +2,7 @@
 
 Presets:
   * ``wan-1.3b``: the published AvatarForcing shape (Wan2.1-T2V-1.3B + OmniAvatar audio),
-    832x480, B=4 L=4 N=1 (REFERENCE.md sections 1-4).
+    832x480, B=4 L=4 N=1 (docs/design.md s1-s5).
   * ``mini``: the CPU model this project trains and ships (128x128, see README).
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .stream.positions import SCHEMES
 
 
 @dataclass
@@ -79,8 +80,9 @@ class CodecConfig:
     listener_history_frames: int = 150  # its per-band normalisation window (6 s)
     listener_lookahead_frames: int = 2  # its right context, added to the front end's look-ahead
     # how inputs are prepared; a converted official checkpoint uses the release's choices (README, "Published
-    # weights"): bilinear, sinc_hann, clip
+    # weights"): bilinear, no EXIF rotation, sinc_hann, clip
     image_filter: str = "lanczos"  # "lanczos" | "bilinear" (antialiased, as the release's torchvision resize)
+    exif_rotate: bool = True  # apply a portrait's EXIF orientation; the release reads the pixels as stored
     resampler: str = "kaiser"  # "kaiser" (ours, polyphase) | "sinc_hann" (torchaudio's default algorithm)
     audio_rows: str = "streaming"  # "streaming": bounded windows per block | "clip": a file's rows at once
     audio_clip_tail_frames: int = 80  # clip rows: audio frames after the video's end that the encoder sees
@@ -104,11 +106,10 @@ class StreamConfig:
     num_train_timesteps: int = 1000
     shift: float = 5.0
     temporal_anchor_frames: int = 2
-    style_anchor: bool = True
-    rope_reindex: bool = True
-    audio_zero_pad: bool = True
     clean_cache_pass: bool = True
-    positions: str = "reindexed"  # "reindexed" (the paper) | "release" (the published code): stream/positions.py
+    # where each pass puts its frames on the time axis (stream/positions.py): "reindexed" (the paper) | "release"
+    # (the published code) | "absolute" (the no-re-indexing ablation, also reachable as Options.rope_reindex)
+    positions: str = "reindexed"
     output: str = "aligned"  # "aligned": frame i <-> audio frame i | "release": frame 0 = the reference
     teacher_steps: int = 50
     guidance: float = 4.5
@@ -116,26 +117,29 @@ class StreamConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 1.5e-6
-    critic_lr: float = 4e-7
-    betas: tuple[float, float] = (0.0, 0.999)
-    weight_decay: float = 0.01
-    batch_size: int = 64
-    grad_accum: int = 1
-    grad_clip: float = 10.0
-    clip_latent_frames: int = 21  # 1 reference + 20
-    ema_decay: float = 0.99
-    ema_start: int = 200
-    critic_updates: int = 5
-    steps: int = 1000
-    log_every: int = 10
-    save_every: int = 100
-    sample_every: int = 0
-    audio_dropout: float = 0.1
-    text_dropout: float = 0.1
-    min_score_t: int = 20
+    """What the model's training losses take from its config (train/stages.py). The recipe's schedule and
+    optimiser settings (steps, batches, learning rates) are ``train.recipe.RecipeConfig``: one table each."""
+
+    audio_dropout: float = 0.1  # teacher stage: audio rows dropped, for classifier-free guidance
+    min_score_t: int = 20  # DMD: the scores are judged at noise levels in [min, max] / 1000
     max_score_t: int = 980
-    seed: int = 0
+
+
+# fields that earlier versions wrote into every config.yaml and nothing ever read: a model folder written then
+# still loads (the values those versions wrote for wan-1.3b and mini are accepted, and change nothing); any other
+# value is refused with the reason, so setting a field that nothing reads is impossible
+_RECIPE = "training hyper-parameters are train.recipe.RecipeConfig's (`train recipe --config`)"
+REMOVED: dict[str, tuple[tuple, str]] = {
+    "stream.style_anchor": ((True,), "the style anchor is switched by the ablation --no-style-anchor (Options)"),
+    "stream.rope_reindex": ((True,), "positions are stream.positions; the ablation is --no-rope-reindex"),
+    "stream.audio_zero_pad": ((True,), "the anchor's zero audio is switched by the ablation --no-audio-zero-pad"),
+    **{f"train.{name}": (values, _RECIPE) for name, values in {
+        "lr": (1.5e-6, 2e-4), "critic_lr": (4e-7, 1e-4), "betas": ([0.0, 0.999],), "weight_decay": (0.01,),
+        "batch_size": (64, 4), "grad_accum": (1,), "grad_clip": (10.0, 1.0), "clip_latent_frames": (21, 9),
+        "ema_decay": (0.99,), "ema_start": (200, 50), "critic_updates": (5,), "steps": (1000, 2000),
+        "log_every": (10,), "save_every": (100,), "sample_every": (0,), "text_dropout": (0.1,), "seed": (0,),
+    }.items()},
+}
 
 
 @dataclass
@@ -189,7 +193,7 @@ class Config:
 def mini() -> Config:
     """The CPU model: 128x128, 16x16x8 latents (mini VAE), 64 tokens per latent frame.
 
-    dim 256 x 8 layers (~9M params) measured at ~47 ms for 4 latent frames on 2 cores (DESIGN.md s6);
+    dim 256 x 8 layers (5.86M parameters; docs/design.md s7 has the 2-core budget it fits);
     B=1 latent frame (4 video frames = 160 ms) per step keeps each step inside the real-time budget.
     """
     return Config(
@@ -203,8 +207,6 @@ def mini() -> Config:
                           audio_lookahead_frames=2, n_mels=32),
         stream=StreamConfig(block_frames=1, window_blocks=4, temporal_anchor_frames=1, teacher_steps=20,
                             guidance=2.0),
-        train=TrainConfig(lr=2e-4, critic_lr=1e-4, betas=(0.0, 0.999), batch_size=4, clip_latent_frames=9,
-                          ema_decay=0.99, ema_start=50, grad_clip=1.0, steps=2000),
     )
 
 
@@ -237,6 +239,11 @@ def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> Any
     updates = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in REMOVED:
+            written, why = REMOVED[path]
+            if any(value == w and isinstance(value, bool) == isinstance(w, bool) for w in written):
+                continue  # what an earlier version wrote, never read: nothing to apply
+            raise ConfigError(f"{source}: field '{path}' was removed, nothing read it ({why}); got {value!r}")
         if key not in known:
             raise ConfigError(f"{source}: unknown field '{path}'; expected one of {sorted(known)}")
         current = getattr(obj, key)
@@ -289,7 +296,7 @@ def _one_of(value: str, field_name: str, allowed: tuple[str, ...]) -> None:
 def release(cfg: Config) -> Config:
     """The published code's choices for everything it does differently from the paper's engine."""
     return cfg.override({"stream.positions": "release", "stream.output": "release", "codec.image_filter": "bilinear",
-                         "codec.resampler": "sinc_hann", "codec.audio_rows": "clip"})
+                         "codec.exif_rotate": False, "codec.resampler": "sinc_hann", "codec.audio_rows": "clip"})
 
 
 def _validate(c: Config) -> None:
@@ -323,7 +330,7 @@ def _validate(c: Config) -> None:
     _one_of(k.image_filter, "codec.image_filter", ("lanczos", "bilinear"))
     _one_of(k.resampler, "codec.resampler", ("kaiser", "sinc_hann"))
     _one_of(k.audio_rows, "codec.audio_rows", ("streaming", "clip"))
-    _one_of(s.positions, "stream.positions", ("reindexed", "release"))
+    _one_of(s.positions, "stream.positions", SCHEMES)
     _one_of(s.output, "stream.output", ("aligned", "release"))
     _check(s.block_frames >= 1, "stream.block_frames", "must be >= 1")
     _check(s.window_blocks >= 1, "stream.window_blocks", "must be >= 1")
@@ -339,7 +346,6 @@ def _validate(c: Config) -> None:
     _check(0 <= s.temporal_anchor_frames <= s.block_frames, "stream.temporal_anchor_frames",
            f"must be in [0, stream.block_frames={s.block_frames}]")
     _check(s.teacher_steps >= 1, "stream.teacher_steps", "must be >= 1")
-    _check(t.lr > 0, "train.lr", "must be positive")
-    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-    _check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
-    _check(t.clip_latent_frames >= 2, "train.clip_latent_frames", "must be >= 2 (reference + 1)")
+    _check(0 <= t.audio_dropout < 1, "train.audio_dropout", "must be in [0, 1)")
+    _check(0 <= t.min_score_t < t.max_score_t <= s.num_train_timesteps, "train.min_score_t",
+           f"and train.max_score_t must satisfy 0 <= min < max <= {s.num_train_timesteps}")

@@ -125,6 +125,33 @@ def test_image_load_exif_and_rules(tmp_path):
         assert load_image(buf.getvalue()).size == (300, 200)
 
 
+def test_release_mode_reads_a_portrait_as_stored_ours_turns_it_upright(tmp_path):
+    """``codec.exif_rotate``: ours applies the EXIF orientation; release mode (``config.release``) reads the
+    pixels as stored, as the published code's ``Image.open(...).convert('RGB')`` does."""
+    from avatarforcing.api import Avatar
+    from avatarforcing.config import preset, release
+
+    img = Image.new("RGB", (300, 200), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 100, 200))  # blue on the left as stored; on top once turned upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "p.jpg"
+    img.save(path, exif=exif, quality=95)
+    assert load_image(path, exif_rotate=False).size == (300, 200)
+    stored = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(np.asarray(load_image(path, exif_rotate=False)), stored)
+
+    cfg = preset("mini")
+    assert cfg.codec.exif_rotate and not release(cfg).codec.exif_rotate
+    ours = Avatar.random(cfg).prepare_reference(path)[0].numpy()  # [3, H, W] in [-1, 1]
+    theirs = Avatar.random(release(cfg)).prepare_reference(path)[0].numpy()
+    h, w = ours.shape[1:]
+    blue = lambda a, region: a[2][region].mean() - a[0][region].mean()  # noqa: E731
+    top, left = (slice(0, h // 4), slice(None)), (slice(None), slice(0, w // 4))
+    assert blue(ours, top) > 1.0 and blue(ours, left) < 0.5  # upright: the blue band on top
+    assert blue(theirs, left) > 1.0 and blue(theirs, top) < 0.5  # as stored: on the left
+
+
 def test_image_deep_and_transparent_pixels_keep_their_look(tmp_path):
     """16-bit and float images are scaled to 8 bits (PIL's convert clips them near white); transparency is laid
     over white rather than showing whatever colour hides under it."""

@@ -180,3 +180,28 @@ def test_short_context_is_zero_padded_and_padding_changes_the_dit():
     with torch.no_grad():
         a, b = m(x, t, pos, context=rows), m(x, t, pos, context=padded)
     assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["always", "first", "never"])
+def test_the_tokenizer_reads_its_files_pre_tokenizer(tmp_path, scheme):
+    """transformers 5.x rebuilds a T5 tokenizer's pre-tokenizer (prepend "always"); the release's 4.49 reads
+    ``tokenizer.json``. With a file that prepends otherwise, ``load_tokenizer`` must tokenise as the file says."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    from avatarforcing.codecs.text import load_tokenizer
+
+    words = ["hello", "world", "calm"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in words]
+    vocab += [(w, -1.5) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz.,▁"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme)
+    tok.decoder = decoders.Metaspace(prepend_scheme=scheme)
+    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                    extra_ids=0).save_pretrained(tmp_path)
+    by_file = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    for text in ("hello world", "calm hello", "world"):
+        assert loaded(text, add_special_tokens=False).input_ids == by_file.encode(text, add_special_tokens=False).ids
+    first = loaded("hello world", add_special_tokens=False).input_ids[0]
+    assert first == (vocab.index(("hello", -1.5)) if scheme == "never" else vocab.index(("▁hello", -1.0)))

@@ -1,6 +1,6 @@
 """Audio front ends: speech -> one feature row per video frame (25 fps), streaming or offline.
 
-Both front ends share the row contract of REFERENCE.md s3: row i belongs to video frame i
+Both front ends share the row contract of docs/design.md s3: row i belongs to video frame i
 (samples [i*spf, (i+1)*spf), spf = sample_rate / fps); ``with_anchor_row`` prepends the all-zero
 row of the style anchor; latent frame k >= 1 uses rows 1+4(k-1) .. 4k of that array.
 """

@@ -17,6 +17,7 @@ already). Cached embeddings are safetensors files with one ``context`` tensor [1
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 
@@ -132,6 +133,27 @@ def load_tokenizer(path: str | Path):
                          f"spiece.model): {type(e).__name__}: {_one_line(e)}") from None
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise InputError(f"{p}: the tokenizer has no pad or </s> token; expected the umT5 tokenizer")
+    return _with_files_pre_tokenizer(tok, p / "tokenizer.json")
+
+
+def _with_files_pre_tokenizer(tok, file: Path):
+    """transformers 5.x's T5 tokenizer rebuilds its pre-tokenizer (whitespace split + Metaspace, prepend
+    "always") instead of reading ``tokenizer.json``, as 4.49 (the release's pin) does. For a file whose
+    Metaspace prepends otherwise ("first", "never") the first word would tokenise differently: take the
+    file's pre-tokenizer and decoder back."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not file.is_file():
+        return tok
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    except (OSError, ValueError):
+        return tok
+    parts = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    if any(t.get("type") == "Metaspace" and t.get("prepend_scheme", "always") != "always" for t in parts):
+        from tokenizers import Tokenizer
+
+        own = Tokenizer.from_file(str(file))
+        backend.pre_tokenizer, backend.decoder = own.pre_tokenizer, own.decoder
     return tok
 
 

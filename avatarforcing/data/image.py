@@ -36,8 +36,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Return an RGB PIL image with EXIF orientation applied (``to_rgb``: deep and transparent images too).
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, exif_rotate: bool = True) -> Image.Image:
+    """Return an RGB PIL image (``to_rgb``: deep and transparent images too), turned upright by its EXIF
+    orientation unless ``exif_rotate`` is false (the published code reads the pixels as stored).
 
     The size is read from the file's header and checked against ``max_pixels`` before any pixel is decoded,
     so a small file that claims a huge image cannot allocate its size.
@@ -74,13 +75,13 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         raise InputError(f"{name}: image of {w}x{h} pixels is over the limit of {max_pixels / 1e6:.0f} megapixels")
     try:
         img.load()
-        return to_rgb(ImageOps.exif_transpose(img))
+        return to_rgb(ImageOps.exif_transpose(img) if exif_rotate else img)
     except (OSError, Image.DecompressionBombError, ValueError, SyntaxError):
         raise InputError(f"{name}: the image data is damaged or truncated") from None
 
 
 def fit_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
-    """REFERENCE.md s3: keep aspect, scale down so area <= max_area, floor sides to ``multiple``."""
+    """docs/design.md s2: keep aspect, scale down so area <= max_area, floor sides to ``multiple``."""
     scale = min(1.0, (max_area / (width * height)) ** 0.5)
     w = max(multiple, int(width * scale) // multiple * multiple)
     h = max(multiple, int(height * scale) // multiple * multiple)

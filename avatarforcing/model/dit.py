@@ -130,7 +130,7 @@ class AvatarDiT(nn.Module):
 
 
 def pack_audio_rows(rows: Tensor, pack: int) -> Tensor:
-    """Audio rows per video frame -> [B, F, pack, dim] rows per latent frame (REFERENCE.md s3).
+    """Audio rows per video frame -> [B, F, pack, dim] rows per latent frame (docs/design.md s3).
 
     rows [B, R, dim]. If R is not a multiple of ``pack`` (the usual 1 + 4k with the anchor row),
     the first row is repeated pack-1 more times, so row 0 fills latent frame 0 on its own.

@@ -112,7 +112,8 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
         loop = asyncio.get_running_loop()
         async with prepare_gate():
             try:
-                ref = await loop.run_in_executor(None, lambda: avatar.prepare_reference(checked_image(data, limits)))
+                image = checked_image(data, limits, avatar.cfg.codec.exif_rotate)
+                ref = await loop.run_in_executor(None, lambda: avatar.prepare_reference(image))
             except AvatarForcingError as e:
                 raise ClientError("bad_image", str(e)) from None
         from ..data.image import to_uint8

@@ -79,7 +79,8 @@ class Stream:
             except AvatarForcingError as e:
                 raise ClientError("bad_prompt", str(e)) from None
         try:
-            image = req.image if isinstance(req.image, np.ndarray) else checked_image(req.image, self.limits)
+            image = req.image if isinstance(req.image, np.ndarray) else \
+                checked_image(req.image, self.limits, self.codec.exif_rotate)
             self.session = await loop.run_in_executor(None, lambda: avatar.session(image, seed=req.seed,
                                                                                     prompt=req.prompt))
         except AvatarForcingError as e:
@@ -217,8 +218,8 @@ class Stream:
         await asyncio.wait_for(self.conn.ws.close(1000), timeout=1.0)
 
 
-def checked_image(data: bytes, limits: Limits):
+def checked_image(data: bytes, limits: Limits, exif_rotate: bool = True):
     """An uploaded portrait, its size checked from the header before decoding."""
     from ..data.image import load_image
 
-    return load_image(data, max_pixels=limits.max_image_pixels)
+    return load_image(data, max_pixels=limits.max_image_pixels, exif_rotate=exif_rotate)

@@ -16,7 +16,7 @@ scheme          window pass                clean pass of block k          distan
 ==============  =========================  =============================  ===============================
 
 The temporal-anchor frames always sit immediately before the first query frame. ``release`` is what the
-published code does (REFERENCE.md s5b): in warm-up windows (no temporal anchor yet) the anchor is roped
+published code does (docs/design.md s5): in warm-up windows (no temporal anchor yet) the anchor is roped
 one frame before the window, and the clean-cache pass ropes it at absolute position 0. ``absolute`` is
 the no-RoPE-re-indexing ablation.
 """

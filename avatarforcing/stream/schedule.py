@@ -18,7 +18,7 @@ def teacher_sigmas(steps: int, shift: float) -> list[float]:
     """The teacher's grid: ``steps`` uniform levels in (0, 1], warped by the shift, then 0.
 
     For 50 steps this contains the student's levels for steps [1000, 800, 400, 200] at indices
-    0, 10, 30, 40 (REFERENCE.md s4).
+    0, 10, 30, 40 (docs/design.md s4).
     """
     return [float(shift_sigma(1 - i / steps, shift)) for i in range(steps)] + [0.0]
 

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from ..config import Config
 from ..model import AvatarDiT
-from .kv import KVBuffer
 from .options import Options
+from .passes import Passes
 from .positions import Layout, clean_layout, window_layout
 from .schedule import add_noise, window_sigmas
 
@@ -83,12 +83,8 @@ class WindowSampler:
         self.passes = s.passes
         self.n_temporal = s.temporal_anchor_frames
         self.scheme = s.positions if self.opt.rope_reindex else "absolute"  # the ablation overrides the config
-        _, c, _, h, w = reference.shape
-        p = model.cfg.patch_size
-        self.tpf = (h // p[1]) * (w // p[2])
-        mc = model.cfg
-        self.kv = KVBuffer(mc.num_layers, reference.shape[0], self.tpf, mc.num_heads, mc.head_dim, self.n_temporal,
-                           reference.device, reference.dtype)
+        self.dit = Passes(model, reference, self.n_temporal, self.T, context, self.opt)  # the DiT calls, KV buffer
+        self.kv = self.dit.kv
         self.window: list[Block] = []
         self.next_index = 0
         self.anchor_ready = False
@@ -132,47 +128,20 @@ class WindowSampler:
         pick = clean_layout if clean else window_layout
         return pick(self.scheme, self.n_temporal, present, self.window[0].index, self.B)
 
-    def _prefix(self, layout: Layout, h: int, w: int):
-        use_a, use_t = self.opt.style_anchor, self.opt.temporal_anchor
-        frames = ([layout.anchor] if use_a else []) + (list(layout.temporal) if use_t else [])
-        if not frames:
-            return None
-        cos, sin = self.model.rope(torch.tensor(frames, device=self.reference.device), h, w)
-        return self.kv.prefix(use_a, use_t, cos, sin)
-
-    def _call(self, x: Tensor, sig: Tensor, pos: Tensor, audio: Tensor | None, prefix, is_ref=False,
-              return_kv=False):
-        f = x.shape[2]
-        flags = torch.full((f,), is_ref, dtype=torch.bool, device=x.device)
-        x_in = self.model.condition(x, self.reference, flags)
-        self.trace.model_calls += 1
-        t = (sig.float() * self.T).view(1, f).expand(x.shape[0], f)
-        return self.model(x_in, t, pos, audio=audio, context=self.context, prefix=prefix, return_kv=return_kv)
-
     def _write_anchor(self, first_audio: Tensor | None) -> None:
-        audio = None
-        if first_audio is not None:
-            row = first_audio[:, :1, :1]
-            audio = torch.zeros_like(row).expand_as(first_audio[:, :1]) if self.opt.audio_zero_pad \
-                else row.expand_as(first_audio[:, :1])
-        pos = torch.zeros(1, dtype=torch.long, device=self.reference.device)
-        sig = torch.zeros(1, device=self.reference.device)
-        _, kv = self._call(self.reference, sig, pos, audio, None, is_ref=True, return_kv=True)
-        self.kv.write_anchor(kv)
+        self.dit.anchor(first_audio)
         self.anchor_ready = True
+        self.trace.model_calls = self.dit.calls
 
     def _step(self) -> list[Tensor]:
-        h, w = self.reference.shape[3:]
         layout = self._layout(clean=False)
         self.trace.prefix_offsets.append(layout.offset)
         self.trace.layouts.append(("window", self.window[0].index, layout))
-        prefix = self._prefix(layout, h, w)
-        start = layout.start
+        prefix = self.dit.prefix(layout)
         x = torch.cat([b.x for b in self.window], dim=2)
         audio = None
         if all(b.audio is not None for b in self.window):
             audio = torch.cat([b.audio for b in self.window], dim=1)
-        pos = torch.arange(start, start + x.shape[2], device=x.device)
         levels = [self._level(b) for b in self.window]
         for p in range(self.passes):
             # sub-level of each block in this pass: from its level towards the next lower one
@@ -180,7 +149,7 @@ class WindowSampler:
             for b, s in zip(self.window, sig_b):
                 self.trace.passes.append((b.index, s))
             sig = torch.tensor(sig_b, device=x.device).repeat_interleave(self.B)
-            v = self._call(x, sig, pos, audio, prefix)
+            v = self.dit.window(x, sig, audio, layout, prefix)
             x0 = (x.float() - sig.view(1, 1, -1, 1, 1) * v.float()).to(x.dtype)
             if p < self.passes - 1:
                 nxt = torch.tensor([self._sub_sigma(lv, p + 1) for lv in levels], device=x.device)
@@ -199,17 +168,15 @@ class WindowSampler:
                 clean = self._layout(clean=True)
                 self.trace.layouts.append(("clean", done.index, clean))
                 if clean != layout:
-                    prefix = self._prefix(clean, h, w)
-                zero = torch.zeros(self.B, device=x.device)
-                cpos = torch.arange(clean.start, clean.start + self.B, device=x.device)
+                    prefix = self.dit.prefix(clean)
                 with torch.no_grad():
-                    _, kv = self._call(x0_blocks[0], zero, cpos, done.audio, prefix, return_kv=True)
-                self.kv.write_block(kv)
+                    self.dit.clean(x0_blocks[0], done.audio, clean, prefix)
             x0_blocks = x0_blocks[1:]
         for b, x0b in zip(blocks, x0_blocks):
             b.age += 1
             b.x = add_noise(x0b.float(), self._noise(x0b.shape).float(), self.sigmas[self._level(b)]).to(x0b.dtype)
         self.window = blocks
+        self.trace.model_calls = self.dit.calls
         return emitted
 
     def _sub_sigma(self, level: int, p: int) -> float:

@@ -14,7 +14,8 @@ from torch import Tensor
 from ..codecs.audio import MelFrontEnd, with_anchor_row
 from ..codecs.vae import MiniVAE
 from ..config import Config
-from ..model import AvatarDiT, KVPrefix, pack_audio_rows
+from ..model import AvatarDiT, pack_audio_rows
+from ..stream.passes import Passes
 from ..stream.positions import clean_layout, window_layout
 from ..stream.schedule import add_noise, shift_sigma, teacher_sigmas, window_sigmas
 from ..stream.teacher import teacher_velocity
@@ -172,42 +173,23 @@ def backfill_window(rng: np.random.Generator, n_blocks: int, L: int) -> tuple[in
 
 def window_forward(model: AvatarDiT, cfg: Config, ref_lat: Tensor, prev_clean: Tensor | None,
                    prev_rows: Tensor | None, x: Tensor, sig: Tensor, rows: Tensor, k: int) -> Tensor:
-    """The engine's window step as one differentiable function (the positions of ``stream/positions.py`` for
-    the configured scheme, the same cache layout): anchor pass (t=0, zero audio) -> clean pass of block k-1
-    (``prev_clean``; its last n_temporal frames become the temporal anchor) -> window pass over [anchor |
-    temporal anchor | window], whose oldest block is block ``k``. Returns x0 of the window.
+    """The engine's window step as one differentiable function, made of the engine's own passes
+    (``stream/passes.py``: the same DiT calls, positions and KV buffer): anchor pass -> clean pass of block
+    k-1 (``prev_clean``; its last n_temporal frames become the temporal anchor) -> window pass over the
+    window whose oldest block is block ``k``. Returns x0 of the window.
 
     Equal to the engine's step for k <= 1. For k >= 2 the clean pass of block k-1 sees the style anchor only,
     where the engine's also sees block k-2's temporal frames (one level of history is kept, not the chain)."""
     s = cfg.stream
     nt = s.temporal_anchor_frames
-    dev = x.device
-    h, w = x.shape[-2:]
-    one = torch.zeros(1, 1, device=dev)
-    zero_rows = torch.zeros_like(rows[:, :1])
-    ref_in = model.condition(ref_lat, ref_lat, torch.ones(1, dtype=torch.bool, device=dev))
-    _, kv_a = model(ref_in, one, torch.zeros(1, dtype=torch.long, device=dev), audio=zero_rows, return_kv=True)
-    keys = [k_ for k_, _ in kv_a]
-    vals = [v for _, v in kv_a]
-    present = nt if prev_clean is not None and nt else 0
-    layout = window_layout(s.positions, nt, present, k, s.block_frames)
-    if present:
-        b = prev_clean.shape[2]
-        clean = clean_layout(s.positions, nt, 0, k - 1, b)
-        cos, sin = model.rope(torch.tensor([clean.anchor], device=dev), h, w)
-        pin = model.condition(prev_clean, ref_lat, torch.zeros(b, dtype=torch.bool, device=dev))
-        _, kv_p = model(pin, torch.zeros(1, b, device=dev), torch.arange(clean.start, clean.start + b, device=dev),
-                        audio=prev_rows, prefix=KVPrefix(keys, vals, cos, sin), return_kv=True)
-        tpf = kv_p[0][0].shape[1] // b
-        keys = [torch.cat([k_, kp[:, -nt * tpf:]], 1) for k_, (kp, _) in zip(keys, kv_p)]
-        vals = [torch.cat([v, vp[:, -nt * tpf:]], 1) for v, (_, vp) in zip(vals, kv_p)]
-    cos, sin = model.rope(torch.tensor([layout.anchor, *layout.temporal], device=dev), h, w)
-    f = x.shape[2]
-    xin = model.condition(x, ref_lat, torch.zeros(f, dtype=torch.bool, device=dev))
-    pos = torch.arange(layout.start, layout.start + f, device=dev)
-    v = model(xin, (sig.float() * s.num_train_timesteps).view(1, f), pos, audio=rows,
-              prefix=KVPrefix(keys, vals, cos, sin))
-    return x - sig.view(1, 1, f, 1, 1) * v
+    dit = Passes(model, ref_lat, nt, s.num_train_timesteps)
+    dit.anchor(rows)
+    if prev_clean is not None and nt:
+        clean = clean_layout(s.positions, nt, dit.kv.temporal_frames, k - 1, prev_clean.shape[2])
+        dit.clean(prev_clean, prev_rows, clean, dit.prefix(clean))
+    layout = window_layout(s.positions, nt, dit.kv.temporal_frames, k, s.block_frames)
+    v = dit.window(x, sig, rows, layout, dit.prefix(layout))
+    return x - sig.view(1, 1, x.shape[2], 1, 1) * v
 
 
 def ode_loss(model: AvatarDiT, cfg: Config, sample: dict, rng: np.random.Generator) -> tuple[Tensor, dict]:
@@ -242,7 +224,7 @@ def ode_loss(model: AvatarDiT, cfg: Config, sample: dict, rng: np.random.Generat
 
 
 def dmd_generator_loss(x: Tensor, fake_x0: Tensor, real_x0: Tensor) -> Tensor:
-    """REFERENCE.md s4: grad = (fake - real) / mean|x - real|; loss = 0.5 * MSE(x, sg(x - grad))."""
+    """docs/design.md s4: grad = (fake - real) / mean|x - real|; loss = 0.5 * MSE(x, sg(x - grad))."""
     with torch.no_grad():
         norm = (x - real_x0).abs().mean(dim=list(range(1, x.ndim)), keepdim=True).clamp_min(1e-6)
         grad = (fake_x0 - real_x0) / norm
