@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .checkpoints import DTYPES, load_model
-from .codecs.audio import check_pcm, make_front_end
+from .codecs.audio import check_pcm
+from .codecs.factory import load_vae, make_front_end
 from .codecs.text import Prompts
 from .codecs.vae import MiniVAE
 from .config import Config, preset
@@ -110,17 +111,7 @@ class Avatar:
             cfg = cfg.override(overrides)
         components = read_components(path)
         audio_model = audio_model or components.get("wav2vec2")
-        if cfg.codec.vae == "wan":  # a diffusers `vae/` folder or the original Wan2.1_VAE.pth beside the model
-            from .codecs.wan_vae import WanVAE
-
-            src = next((p for p in (path / "vae", path / "Wan2.1_VAE.pth") if p.exists()), None)
-            if src is None:
-                raise InputError(f"{path}: a wan model folder needs its VAE as {path / 'vae'}/ (diffusers) or "
-                                 f"{path / 'Wan2.1_VAE.pth'}")
-            vae = WanVAE.load(src, device, dt)
-        else:
-            vae = MiniVAE.load(path / "vae.safetensors", cfg.model.latent_channels, cfg.codec.vae_base_dim)
-            vae = vae.to(device, dt)
+        vae = load_vae(cfg, path, device, dt)
         teacher = None
         if (path / "teacher.safetensors").is_file():
             teacher, _ = load_model(path, device, name="teacher.safetensors", dtype=dt)

@@ -28,9 +28,9 @@ def server():
     from avatarforcing.api import Avatar
     from avatarforcing.serve.app import create_app
 
-    from .test_serve import _free_port
+    from .conftest import free_port
 
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(Avatar.load("mini")), host="127.0.0.1", port=port,
                                         log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)

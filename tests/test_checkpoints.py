@@ -18,7 +18,7 @@ from avatarforcing.config import preset
 from avatarforcing.errors import CheckpointError
 from avatarforcing.model import AvatarDiT
 
-from .test_model import TINY, tiny_model
+from .conftest import TINY, tiny_model
 
 LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")

@@ -7,8 +7,8 @@ from avatarforcing.checkpoints import load_model
 from avatarforcing.cli import main
 from avatarforcing.config import preset
 
+from .conftest import tiny_model
 from .test_checkpoints import LORA_TARGETS, peft_layout
-from .test_model import tiny_model
 
 COMMANDS = ["generate", "stream", "serve", "train", "eval", "bench", "data", "convert"]
 

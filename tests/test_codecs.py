@@ -187,7 +187,8 @@ def test_bad_pcm_errors():
         fe.offline(np.zeros(100, np.int16))
     from avatarforcing.api import Avatar
 
-    from .test_stream import _image, tiny_cfg
+    from .conftest import tiny_cfg
+    from .test_stream import _image
 
     s = Avatar.random(tiny_cfg()).session(_image())
     with pytest.raises(InputError, match="44100 Hz"):
@@ -247,7 +248,8 @@ def test_batch_generation_with_wav2vec2_rows_equals_one_stream_at_a_time(tiny_w2
     from avatarforcing.codecs.vae import MiniVAE
     from avatarforcing.model import AvatarDiT
 
-    from .test_stream import _image, tiny_cfg
+    from .conftest import tiny_cfg
+    from .test_stream import _image
 
     cfg = tiny_cfg().override({"codec.audio": "wav2vec2"})
     torch.manual_seed(1)

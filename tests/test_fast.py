@@ -11,7 +11,7 @@ from avatarforcing.model import AvatarDiT
 from avatarforcing.model.fast import FP8Linear, default_variant, engine, parse, quantise_fp8, quantise_rows
 from avatarforcing.stream.window import WindowSampler
 
-from .test_stream import audio, tiny_cfg
+from .conftest import audio, tiny_cfg
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="torch.compile on the CPU needs a C++ compiler")

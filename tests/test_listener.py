@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avatarforcing.codecs.audio import MelFrontEnd, make_front_end
+from avatarforcing.codecs.audio import MelFrontEnd
+from avatarforcing.codecs.factory import make_front_end
 from avatarforcing.codecs.listener import Listener, ListeningFrontEnd
 from avatarforcing.config import mini
 from avatarforcing.data import augment as A

@@ -6,21 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avatarforcing.checkpoints import diffusers_to_wan, load_into
-from avatarforcing.config import ModelConfig, preset
+from avatarforcing.config import preset
 from avatarforcing.model import AvatarDiT, KVPrefix, count_parameters, pack_audio_rows
 from avatarforcing.model.math import apply_rope, attention, rope_freqs, token_ids
 
-TINY = ModelConfig(dim=48, ffn_dim=64, num_heads=2, num_layers=3, latent_channels=4, text_dim=16, text_len=5,
-                   freq_dim=32, audio_dim=6, audio_pack=4, audio_token_dim=8, audio_blocks=(1, 2))
-
-
-def tiny_model(**kw) -> AvatarDiT:
-    torch.manual_seed(0)
-    m = AvatarDiT(dataclasses.replace(TINY, **kw)).eval()
-    with torch.no_grad():  # non-trivial modulation/bias values
-        for p in m.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return m
+from .conftest import TINY, tiny_model
 
 
 def test_wan_1_3b_parameter_count():

@@ -6,7 +6,7 @@ import torch
 from avatarforcing.stream.positions import Layout, clean_layout, window_layout
 from avatarforcing.stream.window import Options
 
-from .test_stream import audio, sampler, tiny_cfg
+from .conftest import audio, sampler, tiny_cfg
 
 
 def L(anchor, temporal, start):

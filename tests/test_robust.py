@@ -14,7 +14,7 @@ from avatarforcing.train import stages
 from avatarforcing.train.recipe import SMOKE
 from avatarforcing.train.robust import HeardClips, HeardSpeech, RobustConfig, run_robust
 
-from .test_stream import tiny_cfg
+from .conftest import tiny_cfg
 
 
 def _fake_clips(tmp_path, clips=3, n_lat=12, versions=3, pack=4, dim=8):

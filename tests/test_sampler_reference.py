@@ -31,7 +31,7 @@ import torch
 from avatarforcing.model import AvatarDiT, KVPrefix
 from avatarforcing.stream.window import Options, WindowSampler
 
-from .test_stream import tiny_cfg
+from .conftest import tiny_cfg
 
 
 def warp(s: float, shift: float) -> float:

@@ -1,11 +1,8 @@
 import base64
 import json
-import resource
-import socket
 import threading
 import time
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -13,6 +10,8 @@ from avatarforcing.api import Avatar
 from avatarforcing.serve.app import create_app
 from avatarforcing.serve.client import AvatarClient, parse_frame, start_message
 from avatarforcing.serve.spec import Limits
+
+from .conftest import free_port, rss_mb, speech
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +21,6 @@ def avatar():
 
 def client(avatar, **limits):
     return TestClient(create_app(avatar, Limits(**limits)))
-
-
-def speech(seconds=1.0):
-    t = np.arange(int(16000 * seconds)) / 16000
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
 
 
 def run_stream(ws, pcm, chunk=5000):
@@ -113,11 +107,6 @@ def test_admission_control(avatar):
         assert "avatarforcing_sessions_rejected_total 1" in c.get("/metrics").text
 
 
-def _rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def test_disconnect_mid_stream_frees_session_and_memory(avatar):
     pcm = speech(0.6)
     with client(avatar) as c:
@@ -131,14 +120,14 @@ def test_disconnect_mid_stream_frees_session_and_memory(avatar):
         for _ in range(20):
             cycle()
         time.sleep(0.2)
-        base = _rss_mb()
+        base = rss_mb()
         for _ in range(200):
             cycle()
         deadline = time.time() + 5
         while c.get("/healthz").json()["sessions"] and time.time() < deadline:
             time.sleep(0.05)
         assert c.get("/healthz").json()["sessions"] == 0
-        assert _rss_mb() - base < 40, (base, _rss_mb())
+        assert rss_mb() - base < 40, (base, rss_mb())
 
 
 def test_metrics_and_health(avatar):
@@ -152,18 +141,10 @@ def test_metrics_and_health(avatar):
         assert "<canvas" in c.get("/").text and "demo" in c.get("/identities").json()
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_python_client_against_a_real_server(avatar):
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(avatar), host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()

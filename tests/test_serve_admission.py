@@ -24,7 +24,8 @@ from avatarforcing.serve.app import create_app
 from avatarforcing.serve.client import parse_frame, start_message
 from avatarforcing.serve.spec import Limits
 
-from .test_serve import run_stream, speech
+from .conftest import speech
+from .test_serve import run_stream
 
 
 @pytest.fixture(scope="module")

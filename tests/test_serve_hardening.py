@@ -23,7 +23,8 @@ from avatarforcing.serve.app import create_app
 from avatarforcing.serve.client import AvatarClient, StreamError, start_message
 from avatarforcing.serve.spec import Limits
 
-from .test_serve import _free_port, _rss_mb, client, speech
+from .conftest import free_port, rss_mb, speech
+from .test_serve import client
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ class RealServer:
         from avatarforcing.serve.http import server
 
         self.limits = Limits(**limits)
-        self.port = _free_port()
+        self.port = free_port()
         self.server = server(create_app(avatar, self.limits), "127.0.0.1", self.port, self.limits,
                              header_timeout_s=header_timeout_s, ping_interval_s=ping_interval_s,
                              ping_timeout_s=ping_timeout_s, log_level="warning")
@@ -151,7 +152,7 @@ def test_client_raises_when_the_stream_is_cut():
         ws.recv()
         ws.close(1011, "keepalive ping timeout")
 
-    port = _free_port()
+    port = free_port()
     with serve(handler, "127.0.0.1", port) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         with pytest.raises(StreamError, match="1011"):
@@ -165,12 +166,12 @@ def test_client_raises_when_the_stream_is_cut():
 def test_image_header_checked_before_decoding():
     bomb = tiny_png(13000, 13000)
     assert len(bomb) < 1000
-    base = _rss_mb()
+    base = rss_mb()
     with pytest.raises(InputError, match="13000x13000 pixels is over the limit"):
         load_image(bomb)
     with pytest.raises(InputError, match="over the limit of 25 megapixels"):
         load_image(tiny_png(20000, 20000))
-    assert _rss_mb() - base < 30
+    assert rss_mb() - base < 30
     with pytest.raises(InputError) as e:
         load_image(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)
     assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)
@@ -240,7 +241,7 @@ def test_wall_clock_limit(avatar):
 def test_sigterm_sends_the_shutdown_frame(tmp_path):
     from websockets.sync.client import connect
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "avatarforcing.cli", "serve", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -11,8 +11,8 @@ pytest.importorskip("ray.serve", reason="Ray Serve is an extra: pip install -e '
 
 from avatarforcing.serve.client import AvatarClient, start_message  # noqa: E402
 
+from .conftest import free_port, speech  # noqa: E402
 from .test_browser import needs_browser, run_flow  # noqa: E402
-from .test_serve import _free_port, speech  # noqa: E402
 
 K = 2  # sessions per replica
 
@@ -22,7 +22,7 @@ def cluster():
     from avatarforcing.serve import ray as afray
     from avatarforcing.serve.spec import Limits, RayOptions, ServingSpec
 
-    port = _free_port()
+    port = free_port()
     afray.start(ServingSpec(port=port, limits=Limits(max_sessions=K), ray=RayOptions(replicas=2, num_cpus=2)))
     yield port
     afray.stop()

@@ -1,36 +1,14 @@
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from avatarforcing.api import Avatar
-from avatarforcing.config import ModelConfig, preset
-from avatarforcing.model import AvatarDiT
 from avatarforcing.stream.positions import Layout
 from avatarforcing.stream.schedule import teacher_sigmas, window_sigmas
-from avatarforcing.stream.window import Options, WindowSampler
+from avatarforcing.stream.window import Options
 
-TINY_MODEL = ModelConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, latent_channels=4, text_dim=0, text_len=0,
-                         freq_dim=16, audio_dim=128, audio_token_dim=8, audio_blocks=(0, 1))
-
-
-def tiny_cfg(**stream):
-    c = preset("mini")
-    c = dataclasses.replace(c, model=TINY_MODEL, codec=dataclasses.replace(c.codec, height=32, width=32,
-                                                                         vae_base_dim=8))
-    return c.override({f"stream.{k}": v for k, v in stream.items()}) if stream else c.validate()
-
-
-def sampler(cfg, opts=None, seed=0, **kw):
-    torch.manual_seed(0)
-    model = AvatarDiT(cfg.model).eval()
-    ref = torch.randn(1, cfg.model.latent_channels, 1, 4, 4)
-    return WindowSampler(model, cfg, ref, torch.Generator().manual_seed(seed), opts, **kw)
-
-
-def audio(cfg):
-    return torch.randn(1, cfg.stream.block_frames, 4, cfg.model.audio_dim)
+from .conftest import audio, sampler, tiny_cfg
 
 
 def test_release_levels():

@@ -168,7 +168,7 @@ def test_bad_text_inputs(tiny_t5, tmp_path):
 def test_short_context_is_zero_padded_and_padding_changes_the_dit():
     """The release pads the context to text_len with zero rows; the text embedding of a zero row is not zero,
     so 3 rows and the same 3 rows padded to 5 condition the DiT differently. Prompts always pads."""
-    from .test_model import tiny_model
+    from .conftest import tiny_model
 
     m = tiny_model()  # text_dim 16, text_len 5
     rows = torch.randn(1, 3, 16)

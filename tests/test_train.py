@@ -14,7 +14,7 @@ from avatarforcing.train import stages
 from avatarforcing.train.loop import LoopConfig, Trainer, step_generator
 from avatarforcing.train.stages import dmd_generator_loss, ode_loss, teacher_sample
 
-from .test_stream import tiny_cfg
+from .conftest import tiny_cfg
 
 
 def _toy_step(model):
@@ -265,7 +265,7 @@ def test_dmd_gradient_matches_hand_computation():
     assert torch.allclose(x.grad, g / x.numel(), atol=1e-7)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -331,7 +331,7 @@ def test_two_process_gloo_equals_one_process(tmp_path, fsdp):
     res = {}
     for world in (1, 2):
         out = tmp_path / f"w{world}"
-        port = _free_port()  # a fixed port can still be in TIME_WAIT from an earlier run
+        port = free_port()  # a fixed port can still be in TIME_WAIT from an earlier run
         procs = [ctx.Process(target=_ddp_worker, args=(r, world, out, port, fsdp)) for r in range(world)]
         for p in procs:
             p.start()

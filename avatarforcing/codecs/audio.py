@@ -72,7 +72,7 @@ class MelFrontEnd:
         return max(0, (n_samples - self.lookahead_samples) // self.spf)
 
     def streamer(self) -> MelFrontEnd:
-        """The front end a stream uses (stateless here: itself; see ListeningFrontEnd.streamer)."""
+        """The front end a stream uses (stateless here: itself; the listener's keeps per-stream state)."""
         return self
 
     left_context_samples = property(lambda self: self.pad)
@@ -208,18 +208,3 @@ class Wav2Vec2FrontEnd:
         seg = _slice_zero_padded(pcm, lo * self.spf - offset, hi * self.spf - offset).float()
         rows = self._encode(seg, hi - lo)
         return rows[left: left + (stop - start)]
-
-
-def make_front_end(cfg: CodecConfig, model_dir: str | Path | None = None, folder: str | Path | None = None):
-    """The configured front end; ``model_dir`` a wav2vec2 folder, ``folder`` the model folder (listener weights)."""
-    if cfg.audio == "mel" and cfg.listener != "none":
-        from .listener import ListeningFrontEnd
-
-        if folder is None:
-            raise InputError(f"codec.listener {cfg.listener!r} needs the model folder's listener.safetensors")
-        return ListeningFrontEnd.load(cfg, Path(folder) / "listener.safetensors")
-    if cfg.audio == "mel":
-        return MelFrontEnd(cfg)
-    if model_dir is None:
-        raise InputError("the wav2vec2 front end needs a local model folder (facebook/wav2vec2-base-960h)")
-    return Wav2Vec2FrontEnd(cfg, model_dir)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import atomic_write, load_into, read_state_dict, save_model
+from ..checkpoints import load_into, read_state_dict, save_model
+from ..codecs.factory import load_vae
 from ..codecs.vae import MiniVAE
 from ..config import Config, preset
 from ..data.dataset import CorpusDataset
@@ -32,6 +33,7 @@ from ..errors import ConfigError
 from ..model import AvatarDiT
 from ..stream.schedule import window_sigmas
 from .loop import LoopConfig, Trainer, step_generator
+from .run import check_run_config, done, done_info, mark_done, save_npz, save_tensors
 from .stages import (
     audio_rows,
     batch,
@@ -144,30 +146,15 @@ def _train_stage(tr: Trainer, step_fn, r: RecipeConfig, stage: str, steps: int, 
     tr.run(step_fn, deadline=deadline, budget_seconds=budget, after_step=after_step)
     info = _check_finished(tr, steps, stage, budget)
     final = tr.trained()
-    _save_tensors(final.state_dict(), out / weights)
-    _mark(out, stage, info)
+    save_tensors(final.state_dict(), out / weights)
+    mark_done(out, stage, info)
     module.load_state_dict(final.state_dict())
     return module
 
 
-def _save_tensors(tensors: dict, path: Path) -> None:
-    """safetensors, written atomically (a file that exists is complete: resumption trusts existence)."""
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp)))
-
-
-def _done(out: Path, stage: str) -> bool:
-    return (out / f"{stage}.done").exists()
-
-
-def _mark(out: Path, stage: str, info: dict | None = None) -> None:
-    (out / f"{stage}.done").write_text(json.dumps(info or {}))
-
-
 def stage_vae(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, device, deadline=None) -> MiniVAE:
     vae = MiniVAE(cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device)
-    if _done(out, "vae"):
+    if done(out, "vae"):
         load_into(vae, read_state_dict(out / "vae.safetensors"), str(out / "vae.safetensors"))
         return vae.eval()
     ds = CorpusDataset(corpus, "train", window_frames=9, stride=4)
@@ -180,8 +167,8 @@ def stage_vae(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, device, dea
     vae.eval()
     set_latent_stats(vae, ds, device)
     info = {**steps, **heldout_psnr(vae, corpus, device)}
-    _save_tensors(vae.state_dict(), out / "vae.safetensors")
-    _mark(out, "vae", info)
+    save_tensors(vae.state_dict(), out / "vae.safetensors")
+    mark_done(out, "vae", info)
     return vae
 
 
@@ -196,7 +183,7 @@ def heldout_psnr(vae: MiniVAE, corpus: Path, device, windows: int = 16) -> dict:
 def stage_decoder(corpus: Path, out: Path, r: RecipeConfig, vae: MiniVAE, device, deadline=None) -> MiniVAE:
     """Fine-tune the decoder with the encoder frozen: the latents (and every DiT trained on them) stay valid,
     the pixels get better. Held-out PSNR before and after goes in ``decoder.done``."""
-    if _done(out, "decoder"):
+    if done(out, "decoder"):
         load_into(vae, read_state_dict(out / "decoder.safetensors"), str(out / "decoder.safetensors"))
         return vae.eval()
     before = heldout_psnr(vae.eval(), corpus, device)
@@ -212,11 +199,11 @@ def stage_decoder(corpus: Path, out: Path, r: RecipeConfig, vae: MiniVAE, device
     info = json.loads((out / "decoder.done").read_text())
     info.update({**heldout_psnr(vae, corpus, device), "psnr_db_before": before["psnr_db"],
                  "mouth_psnr_db_before": before["mouth_psnr_db"], "encoder": "frozen (latents unchanged)"})
-    _mark(out, "decoder", info)
+    mark_done(out, "decoder", info)
     return vae
 
 
-def latent_clips(corpus: Path, cfg: Config, r: RecipeConfig) -> list[tuple[Path, int, int]]:
+def clips_to_encode(corpus: Path, cfg: Config, r: RecipeConfig) -> list[tuple[Path, int, int]]:
     """The train clips the latents stage encodes, in its order: (shard folder, clip index, video frames)."""
     out = []
     for d in sorted((corpus / "shards").glob("train-*")):
@@ -230,13 +217,13 @@ def latent_clips(corpus: Path, cfg: Config, r: RecipeConfig) -> list[tuple[Path,
 @torch.no_grad()
 def stage_latents(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, vae, device) -> Path:
     """Encode every train clip once: reference + 4n frames -> latents; audio rows with the anchor row."""
-    from ..codecs.audio import make_front_end
+    from ..codecs.factory import make_front_end
 
     path = out / "latents.npz"
     if path.exists():
         return path
     fe = make_front_end(cfg.codec, r.audio_model)
-    clips = latent_clips(corpus, cfg, r)
+    clips = clips_to_encode(corpus, cfg, r)
     bar = tqdm(total=len(clips), desc="latents", unit="clip")
     lats, rows = [], []
     for shard, group in groupby(clips, key=lambda clip: clip[0]):  # clips come shard by shard
@@ -251,16 +238,8 @@ def stage_latents(corpus: Path, out: Path, cfg: Config, r: RecipeConfig, vae, de
             bar.update(1)
     bar.close()
 
-    _atomic_npz(path, latents=np.stack(lats), rows=np.stack(rows))
+    save_npz(path, latents=np.stack(lats), rows=np.stack(rows))
     return path
-
-
-def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
 
 
 class LatentClips:
@@ -302,7 +281,7 @@ def stage_teacher(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, de
                   vae: MiniVAE | None = None) -> AvatarDiT:
     torch.manual_seed(r.seed)
     teacher = AvatarDiT(cfg.model).to(device)
-    if _done(out, "teacher"):
+    if done(out, "teacher"):
         load_into(teacher, read_state_dict(out / "teacher.safetensors"), "teacher")
         return teacher.eval()
     tr = Trainer("teacher", teacher, out, LoopConfig(steps=r.teacher_steps, lr=r.teacher_lr, seed=r.seed + 1,
@@ -345,10 +324,10 @@ def stage_ode_generate(out: Path, cfg: Config, r: RecipeConfig, data: LatentClip
             t = {"ref": lat[:, :, :1], "rows": heard, "clean": clean}  # rows: the student's input
             for j, lv in enumerate(levels):
                 t[f"state{j}"] = kept[lv]
-            _save_tensors(t, part)
+            save_tensors(t, part)
         for n, v in load_file(str(part)).items():
             tensors.setdefault(n, []).append(v)
-    _save_tensors({n: torch.cat(v) for n, v in tensors.items()}, path)
+    save_tensors({n: torch.cat(v) for n, v in tensors.items()}, path)
     (out / "ode.json").write_text(json.dumps({"levels_oldest_first": levels, "samples": r.ode_samples}))
     return path
 
@@ -360,7 +339,7 @@ def stage_ode(out: Path, cfg: Config, r: RecipeConfig, ode_path: Path, teacher: 
     from safetensors.torch import load_file
 
     student = AvatarDiT(cfg.model).to(device)
-    if _done(out, "ode"):
+    if done(out, "ode"):
         load_into(student, read_state_dict(out / "ode.student.safetensors"), "ode")
         return student
     student.load_state_dict((init or teacher).state_dict())
@@ -384,7 +363,7 @@ def stage_ode(out: Path, cfg: Config, r: RecipeConfig, ode_path: Path, teacher: 
 
 def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teacher: AvatarDiT,
               student: AvatarDiT, device, deadline=None, vae: MiniVAE | None = None) -> AvatarDiT:
-    if _done(out, "dmd"):
+    if done(out, "dmd"):
         load_into(student, read_state_dict(out / "dmd.student.safetensors"), "dmd")
         return student
     critic = AvatarDiT(cfg.model).to(device)
@@ -414,7 +393,7 @@ def stage_dmd(out: Path, cfg: Config, r: RecipeConfig, data: LatentClips, teache
     return _train_stage(tr, step, r, "dmd", r.dmd_steps, out, "dmd.student.safetensors", student, deadline, hook)
 
 
-def export(out: Path, cfg: Config, student: AvatarDiT, vae: MiniVAE, dest: Path, dtype: str = "fp16") -> Path:
+def export_model(out: Path, cfg: Config, student: AvatarDiT, vae: MiniVAE, dest: Path, dtype: str = "fp16") -> Path:
     """The model folder: student (EMA) + teacher (the `teacher` baseline), fp16; the VAE in fp32."""
     save_model(student, cfg, dest, dtype=dtype)
     if (out / "teacher.safetensors").exists():
@@ -425,28 +404,8 @@ def export(out: Path, cfg: Config, student: AvatarDiT, vae: MiniVAE, dest: Path,
 
     save_file({k: v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()},
               str(dest / "vae.safetensors"))
-    info = {}
-    for stage in ("vae", "teacher", "ode", "dmd"):
-        if (out / f"{stage}.done").exists():
-            info[stage] = json.loads((out / f"{stage}.done").read_text() or "{}")
-    (dest / "training.json").write_text(json.dumps(info, indent=1))
+    (dest / "training.json").write_text(json.dumps(done_info(out, ("vae", "teacher", "ode", "dmd")), indent=1))
     return dest
-
-
-def _check_run_config(out: Path, cfg: Config) -> None:
-    """A run folder belongs to one model config: recorded on the first run, a resume with another is refused
-    (its checkpoints would not fit the model)."""
-    path = out / "model_config.yaml"
-    if not path.exists():
-        atomic_write(path, lambda tmp: cfg.save(tmp))
-        return
-    was = Config.load(path).to_dict()
-    now = cfg.to_dict()
-    changed = sorted(f"{part}.{k}" for part in now if isinstance(now[part], dict)
-                     for k in now[part] if was.get(part, {}).get(k) != now[part][k])
-    if changed or was.get("name") != now.get("name"):
-        raise ConfigError(f"{out}: this run was started with another model config (differs in "
-                          f"{changed or ['name']}; see {path}); resume it with that config or use a new --out")
 
 
 def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: RecipeConfig | None = None,
@@ -458,18 +417,16 @@ def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: Reci
     dev = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_run_config(out, cfg)
+    check_run_config(out, cfg)
     corpus = Path(corpus)
     deadline = time.time() + 60 * minutes if minutes else None
     times = {}
     t0 = time.time()
     vae = None
     if cfg.codec.vae == "wan":
-        from ..codecs.wan_vae import WanVAE
-
         if not r.vae_path:
             raise ConfigError("a codec.vae == 'wan' recipe needs vae_path (the pretrained Wan2.1 VAE)")
-        vae = WanVAE.load(r.vae_path, device)
+        vae = load_vae(cfg, r.vae_path, device)
     elif "vae" in stages:
         vae = stage_vae(corpus, out, cfg, r, dev, deadline)
         times["vae"] = time.time() - t0
@@ -495,7 +452,7 @@ def run_recipe(corpus: str | Path, out: str | Path, device: str = "cpu", r: Reci
             save_model(student.cpu().float(), cfg, Path(export_to), dtype="bf16")  # the VAE stays where it is
         else:
             vae = vae if vae is not None else stage_vae(corpus, out, cfg, r, dev)
-            export(out, cfg, student.cpu().float(), vae.cpu().float(), Path(export_to))
+            export_model(out, cfg, student.cpu().float(), vae.cpu().float(), Path(export_to))
     (out / "recipe_times.json").write_text(json.dumps(times, indent=1))
     return times
 

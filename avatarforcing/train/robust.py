@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints import load_model, save_model
+from ..codecs.factory import load_vae
 from ..codecs.listener import ListeningFrontEnd
 from ..codecs.vae import MiniVAE
 from ..config import Config
@@ -47,16 +48,14 @@ from ..errors import InputError
 from .recipe import (
     LatentClips,
     RecipeConfig,
-    _atomic_npz,
-    _done,
-    _save_tensors,
-    latent_clips,
+    clips_to_encode,
     stage_decoder,
     stage_dmd,
     stage_latents,
     stage_ode,
     stage_ode_generate,
 )
+from .run import done, save_npz, save_tensors
 from .stages import audio_rows
 
 
@@ -116,7 +115,7 @@ def stage_heard(corpus: Path, out: Path, cfg: Config, rc: RobustConfig, listener
     path = out / "heard.npz"
     if path.exists():
         return path
-    jobs = [(i, d, c, t) for i, (d, c, t) in enumerate(latent_clips(corpus, cfg, rc.recipe))]
+    jobs = [(i, d, c, t) for i, (d, c, t) in enumerate(clips_to_encode(corpus, cfg, rc.recipe))]
     make = HeardSpeech(cfg, listener_path, rc.versions, rc.microphone, rc.recipe.seed + 11)
     with ExitStack() as stack:
         if rc.workers > 1:  # spawn: the parent may hold a CUDA context; one thread each: the workers are the cores
@@ -125,7 +124,7 @@ def stage_heard(corpus: Path, out: Path, cfg: Config, rc: RobustConfig, listener
         else:
             made = map(make, jobs)
         heard = list(tqdm(made, total=len(jobs), desc="heard rows", unit="clip"))
-    _atomic_npz(path, heard=np.stack(heard))
+    save_npz(path, heard=np.stack(heard))
     return path
 
 
@@ -147,8 +146,6 @@ class HeardClips(LatentClips):
         return lat, rows, heard.to(self.device)
 
 
-def load_vae(folder: Path, cfg: Config, device) -> MiniVAE:
-    return MiniVAE.load(folder / "vae.safetensors", cfg.model.latent_channels, cfg.codec.vae_base_dim).to(device).eval()
 
 
 def run_robust(corpus: str | Path, model_dir: str | Path, out: str | Path, device: str = "cpu",
@@ -167,7 +164,7 @@ def run_robust(corpus: str | Path, model_dir: str | Path, out: str | Path, devic
     clean_cfg = cfg.override({"codec.listener": "none"})  # the teacher's rows: the plain log-mel front end
     deadline = time.time() + 60 * minutes if minutes else None
     t0, times = time.time(), {}
-    vae = load_vae(folder, cfg, dev)
+    vae = load_vae(cfg, folder, dev).eval()
     if r.decoder_steps:
         vae = stage_decoder(corpus, out, r, vae, dev, deadline)
         times["decoder"] = time.time() - t0
@@ -190,22 +187,22 @@ def run_robust(corpus: str | Path, model_dir: str | Path, out: str | Path, devic
             "from": str(folder), "versions": rc.versions, "microphone": {**rc.microphone, "p_tempo": 0.0},
             "clips": len(data.lat), "seconds": times}
     for stage in ("decoder", "ode", "dmd"):
-        if _done(out, stage):
+        if done(out, stage):
             info[stage] = json.loads((out / f"{stage}.done").read_text() or "{}")
     (out / "robust.json").write_text(json.dumps(info, indent=1))
     if export_to:
-        export(folder, cfg, student, vae, Path(export_to), info)
+        export_robust(folder, cfg, student, vae, Path(export_to), info)
     return info
 
 
-def export(folder: Path, cfg: Config, student, vae: MiniVAE, dest: Path, info: dict) -> Path:
+def export_robust(folder: Path, cfg: Config, student, vae: MiniVAE, dest: Path, info: dict) -> Path:
     """A model folder: the new student and VAE; teacher and listener copied; training.json extended."""
     dest.mkdir(parents=True, exist_ok=True)
     save_model(student.cpu().float(), cfg, dest, dtype="fp16")
     if folder.resolve() != dest.resolve():
         for name in ("teacher.safetensors", "listener.safetensors"):
             shutil.copy2(folder / name, dest / name)
-    _save_tensors(vae.state_dict(), dest / "vae.safetensors")  # float32, as trained
+    save_tensors(vae.state_dict(), dest / "vae.safetensors")  # float32, as trained
     old = folder / "training.json"
     training = json.loads(old.read_text()) if old.is_file() else {}
     training["robust"] = info
