@@ -189,6 +189,21 @@ class Avatar:
         """Whether a file's audio rows are computed once over the whole clip (``codec.audio_rows: clip``)."""
         return self.cfg.codec.audio_rows == "clip" and not self.front_end.chunk_invariant
 
+    def whole_clip(self, latent_frames: int | None = None) -> bool:
+        """Whether a file must be generated offline, at once (the release's clip rows, or its fixed output
+        length), rather than streamed block by block: the one place that decides."""
+        return self.clip_rows or latent_frames is not None
+
+    @property
+    def framing(self) -> Framing:
+        return Framing(self.cfg.stream.output == "release", self.cfg.codec.samples_per_frame)
+
+    def push_block(self, sampler, rows: Tensor) -> list[Tensor]:
+        """One block of audio rows [N, frames of a block, D] into the sampler (the block pump's one step):
+        packed per latent frame, on the model's device and dtype; returns the latent blocks it emitted."""
+        B, pack = self.cfg.stream.block_frames, self.cfg.model.audio_pack
+        return sampler.push(rows.reshape(rows.shape[0], B, pack, -1).to(self.device, self.dtype))
+
     def stream(self, image, audio, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None,
                chunk: int = 16000, prompt: str | None = None, prompt_embeds=None) -> Iterator[np.ndarray]:
         """Frames for a whole audio file or array, yielded block by block."""
@@ -203,7 +218,7 @@ class Avatar:
         """All frames for a speech file or array. With ``codec.audio_rows: clip`` (the release) the audio rows
         are computed once over the whole clip; ``latent_frames`` (release output only) fixes the length to the
         release's 1 + 4 (latent_frames - 1) frames, as its ``--num_output_frames``."""
-        if self.clip_rows or latent_frames is not None:
+        if self.whole_clip(latent_frames):
             return self.generate_batch([image], [audio], [seed], mode, options, prompt, prompt_embeds,
                                        latent_frames)[0]
         frames = list(self.stream(image, audio, seed, mode, options, prompt=prompt, prompt_embeds=prompt_embeds))
@@ -240,21 +255,20 @@ class Avatar:
         if not (len(images) == len(audios) == len(seeds)) or not images:
             raise InputError(f"generate_batch needs as many images, audios and seeds (got {len(images)}, "
                              f"{len(audios)}, {len(seeds)}), at least one")
-        spf = self.cfg.codec.samples_per_frame
-        B, pack = self.cfg.stream.block_frames, self.cfg.model.audio_pack
+        B = self.cfg.stream.block_frames
         fpb = B * self.cfg.codec.temporal_stride
-        release_out = self.cfg.stream.output == "release"
+        framing = self.framing
         originals = [check_pcm(self.load_audio(a), f"audio {i}") for i, a in enumerate(audios)]
-        totals = [-(-len(p) // spf) for p in originals]  # video frames covering each audio
-        n_blocks = -(-max(totals) // fpb)
+        totals = [framing.total(len(p)) for p in originals]  # video frames of each audio
+        n_blocks = -(-(max(totals) - framing.lead) // fpb)
         if latent_frames is not None:
-            if not release_out:
+            if not framing.release:
                 raise InputError("latent_frames fixes the release's output length: it needs stream.output: release")
             if latent_frames < 1 + B or (latent_frames - 1) % B:
                 raise InputError(f"latent_frames must be 1 + a multiple of the block size {B} (e.g. {1 + 5 * B}), "
                                  f"got {latent_frames}")
             n_blocks = (latent_frames - 1) // B
-            totals = [n_blocks * fpb] * len(totals)
+            totals = [framing.lead + n_blocks * fpb] * len(totals)
         longest = max(len(p) for p in originals)
         pcms = [torch.cat([p, torch.zeros(longest - len(p))]) for p in originals]
         refs = torch.cat([self.prepare_reference(im) for im in images])
@@ -274,11 +288,29 @@ class Avatar:
         for k in range(n_blocks):
             a, b = k * fpb, (k + 1) * fpb
             rows = all_rows[:, a:b] if all_rows is not None else torch.stack([fe.features(p, a, b) for p in pcms])
-            latents += sampler.push(rows.reshape(len(pcms), B, pack, -1).to(self.device, self.dtype))
+            latents += self.push_block(sampler, rows)
         latents += sampler.drain()
-        video = torch.cat(([first] if release_out else []) + [decoder.decode(z) for z in latents], dim=2)
-        keep = [t + (1 if release_out else 0) for t in totals]  # [N, 3, T, H, W] -> each stream's own length
-        return [to_uint8(video[i].transpose(0, 1).float().cpu().numpy())[:keep[i]] for i in range(len(pcms))]
+        video = torch.cat(([first] if framing.release else []) + [decoder.decode(z) for z in latents], dim=2)
+        # [N, 3, T, H, W] -> each stream's own length
+        return [to_uint8(video[i].transpose(0, 1).float().cpu().numpy())[:totals[i]] for i in range(len(pcms))]
+
+
+@dataclass(frozen=True)
+class Framing:
+    """Which frames the video of some audio has (``stream.output``): "aligned", frame i shows audio frame i;
+    "release", frame 0 is the reference's reconstruction and the audio's frames follow (docs/design.md s5)."""
+
+    release: bool
+    samples_per_frame: int
+
+    @property
+    def lead(self) -> int:
+        """Frames before the audio's first frame."""
+        return 1 if self.release else 0
+
+    def total(self, samples: int) -> int:
+        """Frames of the video of ``samples`` samples of audio (a started frame counts)."""
+        return self.lead + -(-samples // self.samples_per_frame)
 
 
 @dataclass
@@ -297,7 +329,6 @@ class Session:
         self.avatar, self.cfg = avatar, avatar.cfg
         self.fe = avatar.front_end.streamer()  # this stream's own (a front end may cache per stream)
         self.spf = self.cfg.codec.samples_per_frame
-        self.pack = self.cfg.model.audio_pack
         self.B = self.cfg.stream.block_frames
         self.frames_per_block = self.B * self.cfg.codec.temporal_stride
         gen = torch.Generator().manual_seed(seed)
@@ -306,8 +337,8 @@ class Session:
             self.decoder = avatar.vae.stream_decoder()
             first = self.decoder.decode(ref_latent)  # primes the causal decoder with latent frame 0
         # stream.output "release": that reconstruction of the reference is the video's frame 0
-        self.release_out = self.cfg.stream.output == "release"
-        self._pending = [to_uint8(first[0].transpose(0, 1).float().cpu().numpy())] if self.release_out else []
+        self.framing = avatar.framing
+        self._pending = [to_uint8(first[0].transpose(0, 1).float().cpu().numpy())] if self.framing.release else []
         self.sampler = avatar.sampler(mode, ref_latent, [gen], options, context)
         self.pcm = torch.zeros(0)
         self.offset = 0  # absolute index of self.pcm[0]
@@ -360,8 +391,7 @@ class Session:
         self._account(t0)
         out += self._decode(latents)
         self.closed = True
-        total = -(-self.received // self.spf) + (1 if self.release_out else 0)  # video frames covering the audio
-        return self._trim(out, total)
+        return self._trim(out, self.framing.total(self.received))
 
     # ------------------------------------------------------------------ internals
 
@@ -388,8 +418,7 @@ class Session:
                 break
             t0 = time.perf_counter()
             rows = self.fe.features(self.pcm, a, b, offset=self.offset)  # [fpb, D]
-            audio = rows.view(1, self.B, self.pack, -1).to(self.avatar.device, self.avatar.dtype)
-            latents = self.sampler.push(audio)
+            latents = self.avatar.push_block(self.sampler, rows[None])
             self._account(t0)
             self.blocks_in += 1
             out += self._decode(latents)

@@ -3,7 +3,7 @@
 Presets:
   * ``wan-1.3b``: the published AvatarForcing shape (Wan2.1-T2V-1.3B + OmniAvatar audio),
     832x480, B=4 L=4 N=1 (docs/design.md s1-s5).
-  * ``mini``: the CPU model this project trains and ships (128x128, see README).
+  * ``mini``: the CPU model this project trains and ships (128x128, docs/training.md).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class CodecConfig:
     listener: str = "none"  # "none" | "mel-adapter"
     listener_history_frames: int = 150  # its per-band normalisation window (6 s)
     listener_lookahead_frames: int = 2  # its right context, added to the front end's look-ahead
-    # how inputs are prepared; a converted official checkpoint uses the release's choices (README, "Published
-    # weights"): bilinear, no EXIF rotation, sinc_hann, clip
+    # how inputs are prepared; a converted official checkpoint uses the release's choices (docs/weights.md):
+    # bilinear, no EXIF rotation, sinc_hann, clip
     image_filter: str = "lanczos"  # "lanczos" | "bilinear" (antialiased, as the release's torchvision resize)
     exif_rotate: bool = True  # apply a portrait's EXIF orientation; the release reads the pixels as stored
     resampler: str = "kaiser"  # "kaiser" (ours, polyphase) | "sinc_hann" (torchaudio's default algorithm)

@@ -8,7 +8,7 @@ def add(sub) -> None:
                        description="Official AvatarForcing model.pt / ode_audio_init.pt (+ --wan Wan2.1-T2V-1.3B/ "
                                    "+ --wav2vec2 wav2vec2-base-960h/ for a complete folder), OmniAvatar (Wan base + "
                                    "--lora), Wan2.1 (original or diffusers layout) -> our format. Official "
-                                   "checkpoints get the release's engine settings (README, 'Published weights').")
+                                   "checkpoints get the release's engine settings (docs/weights.md).")
     c.add_argument("src", help="checkpoint file or folder")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--wan", help="the Wan2.1-T2V-1.3B folder: VAE copied in, umT5 encoder + tokenizer referenced")

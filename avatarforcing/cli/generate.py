@@ -29,7 +29,7 @@ def run(args) -> int:
     rate = avatar.cfg.codec.sample_rate
     pcm = avatar.load_audio(args.audio)
     t0 = time.perf_counter()
-    if avatar.clip_rows or args.latent_frames:  # the release: the file's audio rows at once, offline
+    if avatar.whole_clip(args.latent_frames):  # the release: the file's audio rows at once, offline
         video = avatar.generate(reference(args), pcm, seed=args.seed, mode=args.mode, options=options(args),
                                 latent_frames=args.latent_frames, **prompt(args))
         with VideoWriter(args.out, fps=avatar.cfg.codec.fps, sample_rate=rate) as writer:

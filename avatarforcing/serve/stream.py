@@ -200,6 +200,8 @@ class Stream:
                     return await self.finish()
         finally:
             read_task.cancel()
+            self.tasks.clear()
+            self.session = None  # the model state goes now, not when a collector finds this stream's cycles
             self.shared.pool.queued -= self.buffered  # what this stream left unprocessed
             if self.writer is not None:  # an unfinished recording is not kept
                 try:
