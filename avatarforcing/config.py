@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .stream.positions import SCHEMES
+
+POSITION_SCHEMES = ("reindexed", "release", "absolute")  # stream.positions; laid out by stream/positions.py
 
 
 @dataclass
@@ -330,7 +331,7 @@ def _validate(c: Config) -> None:
     _one_of(k.image_filter, "codec.image_filter", ("lanczos", "bilinear"))
     _one_of(k.resampler, "codec.resampler", ("kaiser", "sinc_hann"))
     _one_of(k.audio_rows, "codec.audio_rows", ("streaming", "clip"))
-    _one_of(s.positions, "stream.positions", SCHEMES)
+    _one_of(s.positions, "stream.positions", POSITION_SCHEMES)
     _one_of(s.output, "stream.output", ("aligned", "release"))
     _check(s.block_frames >= 1, "stream.block_frames", "must be >= 1")
     _check(s.window_blocks >= 1, "stream.window_blocks", "must be >= 1")

@@ -10,7 +10,7 @@ import yaml
 
 from avatarforcing.config import REMOVED, CodecConfig, Config, ModelConfig, StreamConfig, TrainConfig, preset
 from avatarforcing.errors import ConfigError
-from avatarforcing.stream.positions import SCHEMES
+from avatarforcing.stream.positions import SCHEMES, clean_layout, window_layout
 
 PACKAGE = Path(__file__).parent.parent / "avatarforcing"
 
@@ -65,5 +65,6 @@ def test_unknown_fields_are_refused_and_every_position_scheme_is_accepted(tmp_pa
     f.write_text(yaml.safe_dump({"preset": "mini", "stream": {"style_ancor": True}}))
     with pytest.raises(ConfigError, match="unknown field 'stream.style_ancor'"):
         Config.load(f)
-    for scheme in SCHEMES:
+    for scheme in SCHEMES:  # every scheme the config accepts is laid out by positions.py
         assert preset("mini").override({"stream.positions": scheme}).stream.positions == scheme
+        assert window_layout(scheme, 1, 1, 3, 1).start >= 1 and clean_layout(scheme, 1, 1, 3, 1).start >= 1

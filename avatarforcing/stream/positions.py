@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMES = ("reindexed", "release", "absolute")
+from ..config import POSITION_SCHEMES as SCHEMES  # the schemes a config may name: each is laid out here
 
 
 @dataclass(frozen=True)
