@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from .data.image import load_image, prepare_image, to_uint8
 from .errors import InputError
 from .model import AvatarDiT, fast
 from .stream.teacher import TeacherSampler
-from .stream.window import Options, WindowSampler
+from .stream.window import Options, Trace, WindowSampler
 
 MODES = ("avatarforcing", "ar", "teacher")
 PACKAGE_MODELS = Path(__file__).parent / "assets" / "models"
@@ -177,6 +178,14 @@ class Avatar:
         return Session(self, self.prepare_reference(image), seed, mode, options or Options(),
                        self.context(prompt, prompt_embeds))
 
+    def live(self, image, seed: int = 0, prompt: str | None = None, prompt_embeds=None,
+             grace_ms: float | None = None, mode: str = "avatarforcing"):
+        """An always-on session driven by a media clock (``live.LiveSession``): speech when it arrives,
+        listening (silence) when it does not, ``interrupt()`` for barge-in; frames with their pts and PCM."""
+        from .live import LiveSession
+
+        return LiveSession(self, image, seed, prompt, prompt_embeds, grace_ms, mode)
+
     def lookahead_ms(self, window_blocks: int | None = None) -> float:
         """Algorithmic latency of a window of ``window_blocks`` blocks (default: the config's): the audio a frame
         waits for, the window's future blocks plus the front end's own look-ahead."""
@@ -313,11 +322,14 @@ class Framing:
         return self.lead + -(-samples // self.samples_per_frame)
 
 
+STATS_KEPT = 1000  # step timings a session keeps (the latest): bounded, so a session can run for hours
+
+
 @dataclass
 class Stats:
     steps: int = 0
-    dit_ms: list[float] = field(default_factory=list)
-    vae_ms: list[float] = field(default_factory=list)
+    dit_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_KEPT))  # the latest steps' timings
+    vae_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_KEPT))
     first_frame_ms: float | None = None  # from the first audio pushed to the first frame out (compute)
 
 
@@ -340,6 +352,7 @@ class Session:
         self.framing = avatar.framing
         self._pending = [to_uint8(first[0].transpose(0, 1).float().cpu().numpy())] if self.framing.release else []
         self.sampler = avatar.sampler(mode, ref_latent, [gen], options, context)
+        self.sampler.trace = Trace(keep=False)  # a session may run for hours: no per-step record
         self.pcm = torch.zeros(0)
         self.offset = 0  # absolute index of self.pcm[0]
         self.received = 0  # samples pushed so far
@@ -359,8 +372,8 @@ class Session:
         return self.avatar.lookahead_ms(window)
 
     def latency_budget(self) -> dict:
-        steps = self.stats.dit_ms[-100:]
-        vae = self.stats.vae_ms[-100:]
+        steps = list(self.stats.dit_ms)[-100:]
+        vae = list(self.stats.vae_ms)[-100:]
         compute = float(np.median(steps) + (np.median(vae) if vae else 0)) if steps else None
         return {"lookahead_ms": self.lookahead_ms, "compute_ms_per_step": compute,
                 "total_ms": self.lookahead_ms + (compute or 0.0)}
@@ -392,6 +405,29 @@ class Session:
         out += self._decode(latents)
         self.closed = True
         return self._trim(out, self.framing.total(self.received))
+
+    def mute(self, start: int) -> None:
+        """Silence everything from sample ``start`` (a block boundary) that has not become frames yet (an
+        interrupt): the audio not read into rows yet becomes zeros, and the blocks still in the window are
+        conditioned on silence rows from their next pass on. History (anchors, KV buffer) is kept."""
+        i = max(start - self.offset, 0)
+        if i < len(self.pcm):
+            self.pcm[i:] = 0
+        first = start // (self.frames_per_block * self.spf)
+        rows = self._silence_rows()
+        for block in getattr(self.sampler, "window", ()):
+            if block.index >= first and block.audio is not None:
+                block.audio = rows.expand_as(block.audio)
+
+    def _silence_rows(self) -> Tensor:
+        """The audio rows of one block of silence, as a fresh stream of this front end hears it."""
+        if getattr(self, "_silence", None) is None:
+            fe = self.avatar.front_end.streamer()
+            n = self.frames_per_block * self.spf + fe.lookahead_samples + self.spf
+            rows = fe.features(torch.zeros(n), 0, self.frames_per_block, offset=0)
+            self._silence = rows.view(1, self.B, self.cfg.model.audio_pack, -1).to(self.avatar.device,
+                                                                                   self.avatar.dtype)
+        return self._silence
 
     # ------------------------------------------------------------------ internals
 

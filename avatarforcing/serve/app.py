@@ -27,6 +27,7 @@ from ..errors import AvatarForcingError
 from ..identities import IDENTITIES, identity_image
 from .admission import Gate, origin_allowed
 from .connection import Connection, Shared
+from .live import LiveStream
 from .metrics import Metrics
 from .protocol import HTTP_STATUS, ClientError, bounded, parse_json, parse_start, show
 from .recordings import Recordings
@@ -182,7 +183,7 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
             return await refuse(conn)
         with admission.session():
             metrics.add("sessions_total")
-            live = Stream(conn, req, shared)
+            live = (LiveStream if req.live else Stream)(conn, req, shared)
             shared.pool.streams.add(live)
             try:
                 await live.run()

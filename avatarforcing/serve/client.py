@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .protocol import FRAME_HEADER
+from .protocol import FRAME_HEADER, parse_live_frame
 
 
 @dataclass
@@ -37,8 +38,10 @@ class StreamError(RuntimeError):
 
 
 def start_message(image: str | Path | bytes | None = None, identity: str | None = None, seed: int = 0,
-                  prompt: str | None = None, record: bool = False) -> str:
+                  prompt: str | None = None, record: bool = False, live: bool = False) -> str:
     msg: dict = {"type": "start", "sample_rate": 16000, "format": "f32le", "seed": seed}
+    if live:
+        msg["live"] = True
     if prompt is not None:
         msg["prompt"] = prompt
     if record:
@@ -141,3 +144,82 @@ class AvatarClient:
 def _close_text(e) -> str:
     rcvd = getattr(e, "rcvd", None)
     return f"close code {rcvd.code}: {rcvd.reason or 'no reason'}" if rcvd else "no close frame"
+
+
+@dataclass
+class LiveFrame:
+    index: int
+    pts: float  # presentation time on the session's media clock, seconds
+    pcm: np.ndarray  # float32: the audio this frame shows; play it with the frame
+    jpeg: bytes
+
+    def image(self) -> np.ndarray:
+        return Frame(self.index, self.pts, self.jpeg).image()
+
+
+class LiveClient:
+    """A live session (protocol 2): the avatar is always on; send speech when there is some.
+
+        with LiveClient(url, identity="demo") as live:
+            live.send(pcm); live.segment_end()       # one utterance
+            live.interrupt()                         # barge-in
+            item = live.receive(timeout=1.0)         # a LiveFrame, or a dict ('state', 'playback_finished', ...)
+
+    Frames and messages are read by a thread into a queue, so a slow caller never stalls the socket.
+    """
+
+    def __init__(self, url: str = "ws://127.0.0.1:8000/ws", image=None, identity: str | None = None,
+                 seed: int = 0, prompt: str | None = None):
+        self.url, self.start = url, start_message(image, identity, seed, prompt, live=True)
+        self.ready: dict | None = None
+        self.items: queue.Queue = queue.Queue()
+        self.ws = None
+
+    def __enter__(self) -> LiveClient:
+        from websockets.sync.client import connect
+
+        self._connection = connect(self.url, max_size=None)
+        self.ws = self._connection.__enter__()
+        self.ws.send(self.start)
+        self.ready = json.loads(self.ws.recv())
+        if self.ready.get("type") != "ready":
+            self._connection.__exit__(None, None, None)
+            raise StreamError(self.ready.get("code", "protocol"), self.ready.get("message", str(self.ready)))
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._connection.__exit__(*exc)
+
+    def _read(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            while True:
+                msg = self.ws.recv()
+                if isinstance(msg, bytes):
+                    self.items.put(LiveFrame(*parse_live_frame(msg)))
+                else:
+                    self.items.put(json.loads(msg))
+        except ConnectionClosed:
+            self.items.put({"type": "closed"})
+
+    def send(self, pcm: np.ndarray) -> None:
+        self.ws.send(np.asarray(pcm, "<f4").tobytes())
+
+    def segment_end(self) -> None:
+        self.ws.send(json.dumps({"type": "segment_end"}))
+
+    def interrupt(self) -> None:
+        self.ws.send(json.dumps({"type": "interrupt"}))
+
+    def end(self) -> None:
+        """Finish the session: the remaining frames, then 'done'."""
+        self.ws.send(json.dumps({"type": "end"}))
+
+    def receive(self, timeout: float | None = None):
+        """The next frame or message (None after ``timeout`` seconds without one)."""
+        try:
+            return self.items.get(timeout=timeout)
+        except queue.Empty:
+            return None

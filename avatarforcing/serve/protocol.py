@@ -6,6 +6,7 @@ what the client reads. No web framework here, so the client and the CLI share it
                        text  {"type": "end"}
     server -> client   text  ready / stats / done / error
                        bytes FRAME_HEADER (uint32 index, float64 seconds) + JPEG   frame_message / parse_frame
+                       live: LIVE_FRAME_HEADER (index, pts, n) + n f32le PCM + JPEG   live_frame_message
     error code -> WebSocket close code                 close_code(code)
 """
 
@@ -23,6 +24,10 @@ import numpy as np
 from ..identities import IDENTITIES, identity_image
 
 FRAME_HEADER = struct.Struct("<Id")  # frame index (uint32), audio time of the frame in seconds (float64)
+# live streams (protocol 2): frame index (uint32), pts in seconds (float64), PCM samples that follow (uint32);
+# then the frame's PCM (float32 little-endian, the audio it shows), then the JPEG
+LIVE_FRAME_HEADER = struct.Struct("<IdI")
+PROTOCOL = 2  # 1: files and streams of speech ('end' drains); 2 adds live sessions (always on, interrupt)
 FORMATS = {"f32le": ("<f4", 4), "s16le": ("<i2", 2)}  # PCM sample formats: numpy dtype, bytes per sample
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
@@ -94,6 +99,20 @@ def frame_message(index: int, fps: int, frame: np.ndarray, quality: int) -> byte
     return FRAME_HEADER.pack(index, index / fps) + encode_jpeg(frame, quality)
 
 
+def live_frame_message(index: int, pts: float, pcm: np.ndarray, frame: np.ndarray, quality: int) -> bytes:
+    """One binary frame of a live stream: the header, the PCM the frame shows (f32le), the JPEG."""
+    pcm = np.asarray(pcm, "<f4")
+    return LIVE_FRAME_HEADER.pack(index, pts, len(pcm)) + pcm.tobytes() + encode_jpeg(frame, quality)
+
+
+def parse_live_frame(data: bytes) -> tuple[int, float, np.ndarray, bytes]:
+    """(index, pts, pcm, jpeg) of a live frame message."""
+    index, pts, n = LIVE_FRAME_HEADER.unpack_from(data)
+    at = LIVE_FRAME_HEADER.size
+    pcm = np.frombuffer(data, "<f4", count=n, offset=at).astype(np.float32)
+    return index, pts, pcm, data[at + 4 * n:]
+
+
 @dataclass
 class StartRequest:
     image: bytes | np.ndarray  # an uploaded file's bytes, or a built-in identity's pixels
@@ -101,6 +120,7 @@ class StartRequest:
     fmt: str
     prompt: str | None
     record: bool
+    live: bool = False  # always on, paced by the server's clock (protocol 2)
 
 
 def parse_start(text: str | None, sample_rate: int, height: int) -> StartRequest:
@@ -140,12 +160,22 @@ def parse_start(text: str | None, sample_rate: int, height: int) -> StartRequest
     record = start.get("record", False)
     if type(record) is not bool:
         raise ClientError("protocol", f"'record' must be true or false, got {show(record)}")
-    return StartRequest(image, seed, fmt, prompt, record)
+    live = start.get("live", False)
+    if type(live) is not bool:
+        raise ClientError("protocol", f"'live' must be true or false, got {show(live)}")
+    if live and record:
+        raise ClientError("protocol", "'record' is not available for live sessions")
+    return StartRequest(image, seed, fmt, prompt, record, live)
 
 
-def parse_control(text: str) -> str:
-    """A text message after 'start': only ``{"type": "end"}`` is defined; returns its type."""
+LIVE_CONTROLS = ("end", "segment_end", "interrupt")
+
+
+def parse_control(text: str, live: bool = False) -> str:
+    """A text message after 'start': ``{"type": "end"}``; in a live stream also ``segment_end`` and
+    ``interrupt``. Returns its type."""
     ctrl = parse_json(text)
-    if not isinstance(ctrl, dict) or ctrl.get("type") != "end":
-        raise ClientError("protocol", f"unexpected message {show(ctrl)}; expected audio or 'end'")
-    return "end"
+    allowed = LIVE_CONTROLS if live else ("end",)
+    if not isinstance(ctrl, dict) or ctrl.get("type") not in allowed:
+        raise ClientError("protocol", f"unexpected message {show(ctrl)}; expected audio or one of {list(allowed)}")
+    return ctrl["type"]

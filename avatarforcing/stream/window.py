@@ -20,7 +20,7 @@ switches the paper's ablations.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -41,15 +41,29 @@ class Block:
     age: int = 0  # steps taken so far
 
 
-@dataclass
-class Trace:
-    """What the sampler did, for tests and benchmarks."""
+class _Discard(list):
+    """A list that keeps nothing (a trace that is off)."""
 
-    passes: list[tuple[int, float]] = field(default_factory=list)  # (block index, sigma) per block per pass
-    emitted: list[int] = field(default_factory=list)
-    model_calls: int = 0
-    prefix_offsets: list[int] = field(default_factory=list)  # window start - anchor position per step
-    layouts: list[tuple[str, int, Layout]] = field(default_factory=list)  # (pass, first block, positions)
+    def append(self, item) -> None:
+        pass
+
+    def extend(self, items) -> None:
+        pass
+
+    def __iadd__(self, items):
+        return self
+
+
+class Trace:
+    """What the sampler did, for tests and benchmarks; ``keep=False`` records nothing (long-lived sessions)."""
+
+    def __init__(self, keep: bool = True):
+        new = list if keep else _Discard
+        self.passes: list[tuple[int, float]] = new()  # (block index, sigma) per block per pass
+        self.emitted: list[int] = new()
+        self.model_calls = 0
+        self.prefix_offsets: list[int] = new()  # window start - anchor position per step
+        self.layouts: list[tuple[str, int, Layout]] = new()  # (pass, first block, positions)
 
 
 def noise_like(shape: Sequence[int], generators: torch.Generator | Sequence[torch.Generator], like: Tensor) -> Tensor:

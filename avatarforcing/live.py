@@ -1,0 +1,233 @@
+"""A live avatar: always on, driven by a media clock; speech when it arrives, silence when it does not.
+
+    push(pcm) ... end_segment()      speech, one utterance (segment) after another, any chunk size
+    interrupt()                      barge-in: queued speech dropped, committed speech muted
+    tick(now_s) -> [LiveFrame]       advance the clock to media time now_s; frames as they are generated
+    events() -> [PlaybackFinished]   a segment's last frame was emitted (or it was interrupted)
+
+The clock commits one block of audio (B latent frames = B x temporal_stride video frames) at a time, at
+the block's own media time, never earlier, so video never runs ahead of the clock:
+
+    block j covers media time [j T_b, (j + 1) T_b)        T_b = frames per block / fps (160 ms for mini)
+    at now >= j T_b:  a whole block of speech queued      -> commit it
+                      no segment open, nothing queued     -> commit silence (listening)
+                      the open segment ended              -> commit what is queued, padded with silence
+    at now >= j T_b + grace:  whatever is queued (maybe nothing), padded with silence
+
+``grace`` (default one block) is how long a segment that is still open may keep the clock waiting for
+speech arriving in bursts (text-to-speech, network jitter) before the gap is rendered as silence; the last
+block of an ended segment never waits. A committed block becomes frames once the window and the front end
+have their look-ahead, which the clock keeps filling (with silence if need be), so the last frames of an
+utterance come out without waiting for the next one. Latency of speech that arrives while listening:
+at most one block to its commit + the look-ahead (``Avatar.lookahead_ms``) + one step of compute.
+
+Every frame carries its presentation time (``pts = index / fps`` on the media clock) and the exact PCM it
+shows: the committed audio of its video frame (speech, or the silence that was rendered). A player that
+plays each frame's PCM with the frame is in sync by construction.
+
+Interrupt: the queue is dropped; the committed audio from the first frame not yet emitted on is replaced by
+silence (so no later frame carries the dropped speech) and the window's blocks are conditioned on silence
+rows from their next pass on. Kept across the cut: the style and temporal anchors and the KV buffer (the
+identity and the last emitted frames, so the next frames continue the motion without a jump). The mouth
+settles within the window's remaining blocks: the look-ahead plus one block.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass
+class LiveFrame:
+    index: int  # frame number on the media clock (0, 1, ...)
+    pts: float  # presentation time, seconds: index / fps
+    image: np.ndarray  # uint8 [H, W, 3]
+    pcm: np.ndarray  # float32 [samples_per_frame]: the audio this frame shows
+    speaking: bool  # the frame shows speech (a segment's audio), not listening silence
+
+
+@dataclass
+class PlaybackFinished:
+    segment: int  # the segment's number (0, 1, ... in the order they were started)
+    position_s: float  # seconds of the segment that were emitted (its length, unless interrupted)
+    interrupted: bool
+
+
+@dataclass
+class _Segment:
+    id: int
+    start: int | None = None  # first committed sample (None: none committed yet)
+    last: int | None = None  # one past its last committed sample so far
+    end: int | None = None  # = last, once the segment is ended and fully committed
+    ended: bool = False
+    queued: int = 0  # its samples still in the queue
+
+
+class LiveSession:
+    """One always-on stream over an ``api.Session`` (``Avatar.live``). Not thread-safe."""
+
+    def __init__(self, avatar, image, seed: int = 0, prompt: str | None = None, prompt_embeds=None,
+                 grace_ms: float | None = None, mode: str = "avatarforcing"):
+        if mode not in ("avatarforcing", "ar"):
+            raise InputError(f"a live session runs the window sampler (avatarforcing or ar), not {mode!r}")
+        c = avatar.cfg.codec
+        self.session = avatar.session(image, seed=seed, mode=mode, prompt=prompt, prompt_embeds=prompt_embeds)
+        self.rate, self.fps, self.spf = c.sample_rate, c.fps, c.samples_per_frame
+        self.block_frames = avatar.cfg.stream.block_frames * c.temporal_stride
+        self.block = self.block_frames * self.spf  # samples per block
+        self.block_s = self.block_frames / self.fps
+        self.grace_s = self.block_s if grace_ms is None else grace_ms / 1000
+        self.lead = avatar.framing.lead  # release framing: frame 0 is the reference, with silence
+        self.lookahead_ms = self.session.lookahead_ms
+        self.queue: deque[tuple[_Segment, np.ndarray]] = deque()
+        self.queued = 0
+        self.segments: list[_Segment] = []  # started and not finished
+        self.next_segment = 0
+        self.blocks = 0  # blocks committed
+        self.committed = 0  # samples committed (= blocks * block)
+        self.timeline = np.zeros(0, np.float32)  # committed samples from `timeline_at` on (not yet on frames)
+        self.speech = np.zeros(0, bool)  # which of them are speech
+        self.timeline_at = 0
+        self.frames = 0  # frames emitted
+        self._events: list[PlaybackFinished] = []
+
+    # ------------------------------------------------------------------ input
+
+    def push(self, pcm) -> None:
+        """Queue speech (float32 mono at the model's rate). Starts a segment if none is open."""
+        x = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if not np.isfinite(x).all():
+            raise InputError("audio chunk contains NaN or infinite samples")
+        if not len(x):
+            return
+        if not self.segments or self.segments[-1].ended:
+            self.segments.append(_Segment(self.next_segment))
+            self.next_segment += 1
+        seg = self.segments[-1]
+        seg.queued += len(x)
+        self.queue.append((seg, x))
+        self.queued += len(x)
+
+    def end_segment(self) -> None:
+        """The open segment (one utterance) is complete: its last block is committed without waiting."""
+        if self.segments and not self.segments[-1].ended:
+            self.segments[-1].ended = True
+            self._close_segments()
+
+    def interrupt(self) -> None:
+        """Barge-in: drop the queue, mute everything committed that is not on a frame yet, end every segment
+        (``PlaybackFinished(interrupted=True)`` with the position reached)."""
+        self.queue.clear()
+        self.queued = 0
+        cut = self._frame_sample(self.frames)  # the first sample not on an emitted frame
+        self.timeline[:] = 0
+        self.speech[:] = False
+        self.session.mute(cut)
+        for seg in self.segments:
+            played = 0 if seg.start is None else max(0, min(cut, seg.end or cut) - seg.start)
+            self._events.append(PlaybackFinished(seg.id, played / self.rate, True))
+        self.segments = []
+
+    # ------------------------------------------------------------------ output
+
+    @property
+    def speaking(self) -> bool:
+        """Whether speech is queued or committed and not yet emitted."""
+        return self.queued > 0 or bool(self.speech.any())
+
+    def events(self) -> list[PlaybackFinished]:
+        out, self._events = self._events, []
+        return out
+
+    def tick(self, now_s: float) -> list[LiveFrame]:
+        """Advance the media clock to ``now_s`` (seconds since the session started): commit every block that
+        is due, return the frames that became ready."""
+        out: list[LiveFrame] = []
+        while True:
+            start = self.blocks * self.block_s
+            if now_s < start:
+                break
+            open_seg = self.segments and not self.segments[-1].ended
+            if self.queued >= self.block or (not open_seg) or now_s >= start + self.grace_s:
+                out += self._commit()
+            else:
+                break  # an open segment may still fill this block: wait, at most until the grace ends
+        return out
+
+    def close(self) -> list[LiveFrame]:
+        """End the stream: what is committed comes out (the window drains)."""
+        frames = self.session.close()
+        return self._frames(frames)
+
+    # ------------------------------------------------------------------ internals
+
+    def _frame_sample(self, frame: int) -> int:
+        return max(frame - self.lead, 0) * self.spf
+
+    def _commit(self) -> list[LiveFrame]:
+        """Commit one block: queued speech first, silence for the rest."""
+        block = np.zeros(self.block, np.float32)
+        is_speech = np.zeros(self.block, bool)
+        filled = 0
+        while self.queue and filled < self.block:
+            seg, x = self.queue[0]
+            take = min(len(x), self.block - filled)
+            block[filled:filled + take] = x[:take]
+            is_speech[filled:filled + take] = True
+            if seg.start is None:
+                seg.start = self.committed + filled
+            seg.queued -= take
+            self.queued -= take
+            filled += take
+            seg.last = self.committed + filled
+            if take == len(x):
+                self.queue.popleft()
+            else:
+                self.queue[0] = (seg, x[take:])
+        self._close_segments()
+        self.committed += self.block
+        self.blocks += 1
+        self.timeline = np.concatenate([self.timeline, block])
+        self.speech = np.concatenate([self.speech, is_speech])
+        return self._frames(self.session.push(block))
+
+    def _close_segments(self) -> None:
+        for seg in self.segments:
+            if seg.ended and seg.queued == 0 and seg.end is None and seg.last is not None:
+                seg.end = seg.last
+
+    def _frames(self, batches: list[np.ndarray]) -> list[LiveFrame]:
+        out = []
+        for frames in batches:
+            for image in frames:
+                i = self.frames
+                a = self._frame_sample(i) - self.timeline_at
+                if i < self.lead:
+                    pcm, speaking = np.zeros(self.spf, np.float32), False
+                else:
+                    pcm, speaking = self.timeline[a:a + self.spf].copy(), bool(self.speech[a:a + self.spf].any())
+                out.append(LiveFrame(i, i / self.fps, image, pcm, speaking))
+                self.frames += 1
+        done = self._frame_sample(self.frames) - self.timeline_at
+        if done > 0:  # samples on emitted frames leave the buffers (bounded memory)
+            self.timeline, self.speech = self.timeline[done:], self.speech[done:]
+            self.timeline_at += done
+        self._finish_segments()
+        return out
+
+    def _finish_segments(self) -> None:
+        shown = self._frame_sample(self.frames)
+        keep = []
+        for seg in self.segments:
+            if seg.end is not None and shown >= seg.end:
+                self._events.append(PlaybackFinished(seg.id, (seg.end - seg.start) / self.rate, False))
+            elif seg.ended and seg.start is None and seg.queued == 0:
+                self._events.append(PlaybackFinished(seg.id, 0.0, False))
+            else:
+                keep.append(seg)
+        self.segments = keep

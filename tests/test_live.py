@@ -1,0 +1,149 @@
+"""The live avatar (avatarforcing/live.py): always on, a media clock, speech when it arrives, barge-in."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from avatarforcing.api import Avatar
+from avatarforcing.identities import identity_image
+
+from .conftest import speech, tiny_cfg
+
+FPS, SPF = 25, 640
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Avatar.random(tiny_cfg())
+
+
+def _image():
+    return (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+
+
+def run(live, until_s, step_s=0.04, at=None):
+    """Tick the clock from its current position to ``until_s``; ``at``: {time: callable(live)} fired on the way."""
+    frames, t = [], getattr(live, "_test_clock", 0.0)
+    at = dict(at or {})
+    while t < until_s - 1e-9:
+        t = round(t + step_s, 6)
+        for when in sorted(k for k in at if k <= t):
+            at.pop(when)(live)
+        frames += live.tick(t)
+    live._test_clock = t
+    return frames
+
+
+def test_listening_frames_follow_the_clock_with_no_audio(tiny):
+    live = tiny.live(_image())
+    block_s = 4 / FPS
+    for t in np.arange(0.1, 6.0, 0.1):
+        frames = run(live, t, step_s=0.1)
+        if frames:
+            assert frames[-1].pts <= t + 1e-9  # never ahead of the clock
+        lag = t - live.frames / FPS  # media time not yet on a frame: the look-ahead plus at most one block
+        assert lag <= live.lookahead_ms / 1000 + 2 * block_s + 1e-9, (t, live.frames)
+        for f in frames:
+            assert f.pts == f.index / FPS and not f.pcm.any() and not f.speaking and f.pcm.shape == (SPF,)
+    assert live.frames >= 6.0 * FPS - (live.lookahead_ms / 1000 + 2 * block_s) * FPS
+
+
+def test_speech_after_a_long_silence_is_spoken_and_every_frame_carries_its_pcm(tiny):
+    live = tiny.live(_image())
+    frames = run(live, 31.0, step_s=0.5)  # half a minute of listening
+    utterance = speech(1.3)
+    frames += run(live, 32.0, at={31.02: lambda lv: (lv.push(utterance[:9000]), lv.push(utterance[9000:]),
+                                                     lv.end_segment())})
+    frames += run(live, 34.0)
+    assert [f.index for f in frames] == list(range(len(frames)))  # no frame lost or repeated
+    pcm = np.concatenate([f.pcm for f in frames])
+    start = round(31.04 * 16000)  # the first block boundary at or after the push (blocks of 160 ms)
+    assert np.array_equal(pcm[start:start + len(utterance)], utterance)
+    assert not pcm[:start].any() and not pcm[start + len(utterance):].any()
+    speaking = [f.index for f in frames if f.speaking]
+    assert speaking[0] == start // SPF and speaking[-1] == (start + len(utterance) - 1) // SPF
+    finished = live.events()
+    assert len(finished) == 1 and finished[0].position_s == pytest.approx(1.3) and not finished[0].interrupted
+
+
+def test_bursts_within_the_grace_stay_contiguous_longer_gaps_become_silence(tiny):
+    live = tiny.live(_image(), grace_ms=160)
+    a, b, c = speech(0.5) + 0.01, speech(0.5)[::-1] + 0.02, speech(0.3) + 0.03  # no zero sample in them
+    events = {1.0: lambda lv: lv.push(a),
+              1.56: lambda lv: lv.push(b),  # arrives 60 ms after `a` has run out: within the grace
+              2.6: lambda lv: (lv.push(c), lv.end_segment())}  # after a gap longer than the grace
+    frames = run(live, 5.0, step_s=0.02, at=events)
+    pcm = np.concatenate([f.pcm for f in frames])
+    s = round(1.12 * 16000)  # block boundary after 1.0 s
+    assert np.array_equal(pcm[s:s + len(a) + len(b)], np.concatenate([a, b]))
+    rest = pcm[s + len(a) + len(b):]
+    gap = np.flatnonzero(rest)[0]
+    assert gap >= 0.16 * 16000 and np.array_equal(rest[gap:gap + len(c)], c)
+    (done,) = live.events()
+    assert done.position_s == pytest.approx((len(a) + len(b) + gap + len(c)) / 16000)
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return Avatar.load("mini")
+
+
+def test_interrupt_drops_the_speech_and_the_mouth_settles(mini):
+    from avatarforcing.eval.metrics import mouth_readings
+    from avatarforcing.eval.nets import load_eval_nets
+
+    pcm = mini.load_audio("avatarforcing/assets/demo/utterance.wav")[:16000 * 6]
+    live = mini.live(identity_image("demo", 128))
+    cut = {}
+
+    def interrupt(lv):
+        cut["frame"] = lv.frames
+        lv.interrupt()
+
+    frames = run(live, 8.0, step_s=0.04, at={2.0: lambda lv: (lv.push(pcm), lv.end_segment()), 4.5: interrupt})
+    after = [f for f in frames if f.index >= cut["frame"]]
+    assert not any(f.pcm.any() or f.speaking for f in after)  # no frame after the cut carries the dropped speech
+    (event,) = live.events()
+    spoken = sum(f.speaking for f in frames)
+    assert event.interrupted and event.position_s == pytest.approx(spoken * SPF / 16000, abs=SPF / 16000)
+    assert 1.0 < event.position_s < 2.5
+
+    opening = mouth_readings(load_eval_nets(), np.stack([f.image for f in frames]))[0][:, 0]
+    listening = opening[10:40]  # frames 0.4-1.6 s, before any speech
+    speaking = opening[[f.index for f in frames if f.speaking]]
+    assert speaking.mean() > listening.mean() + 0.05  # the speech did move the mouth
+    bound = cut["frame"] + round(live.lookahead_ms / 1000 * FPS) + 4  # the look-ahead plus one block
+    settled = opening[bound:]
+    assert len(settled) > 25 and abs(settled.mean() - listening.mean()) < 0.05
+    assert np.abs(settled - listening.mean()).max() < max(0.1, 4 * listening.std())
+
+
+def test_a_live_session_holds_constant_memory(tiny):
+    """The short form of the soak run (benchmarks: `avatarforcing bench live --soak-minutes 60`): three
+    simulated minutes of speech bursts and silence, no frame lost, nothing grows."""
+    live = tiny.live(_image())
+    utterance = speech(2.0)
+    total = 0
+
+    def minute(m):
+        nonlocal total
+        for k in range(12):  # 5 s of speech in every 15 s... as 2 s utterances
+            t0 = m * 60 + k * 5
+            run_frames = run(live, t0 + 0.1, step_s=0.5)
+            total += len(run_frames)
+            live.push(utterance)
+            live.end_segment()
+            total += len(run(live, t0 + 5.0, step_s=0.5))
+            live.events()
+
+    minute(0)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for m in range(1, 3):
+        minute(m)
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 200_000, grown  # bytes of Python objects over two simulated minutes
+    assert total == live.frames and live.frames >= 3 * 60 * FPS - 2 * FPS
+    assert len(live.timeline) <= 8 * 4 * SPF and len(live.session.stats.dit_ms) <= 1000

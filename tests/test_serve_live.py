@@ -1,0 +1,99 @@
+"""Live sessions over the WebSocket (protocol 2): always on, paced by the server's clock, interrupt."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from avatarforcing.api import Avatar
+from avatarforcing.serve.app import create_app
+from avatarforcing.serve.client import LiveClient, LiveFrame
+from avatarforcing.serve.spec import Limits
+
+from .conftest import free_port, speech
+
+
+@pytest.fixture(scope="module")
+def server():
+    import uvicorn
+
+    port = free_port()
+    limits = Limits(idle_timeout_s=1.0)  # a live session must outlive it while silent
+    srv = uvicorn.Server(uvicorn.Config(create_app(Avatar.load("mini"), limits), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"ws://127.0.0.1:{port}/ws"
+    srv.should_exit = True
+
+
+def collect(live, seconds=None, until=None, timeout=20.0):
+    """Items received for ``seconds``, or until ``until(item)`` is true."""
+    items, t_end = [], time.monotonic() + (seconds if seconds is not None else timeout)
+    while time.monotonic() < t_end:
+        item = live.receive(timeout=0.2)
+        if item is None:
+            continue
+        items.append(item)
+        if until is not None and until(item):
+            return items
+    assert until is None, f"timed out; last items: {items[-3:]}"
+    return items
+
+
+def frames_of(items):
+    return [i for i in items if isinstance(i, LiveFrame)]
+
+
+def test_a_live_session_listens_speaks_and_is_interrupted(server):
+    utterance = speech(1.5) + 0.01  # no zero sample: its extent in the frames' PCM is exact
+    with LiveClient(server, identity="demo") as live:
+        assert live.ready["live"] and live.ready["protocol"] == 2 and live.ready["block_ms"] == 160
+        silent = collect(live, seconds=2.5)  # 2.5 s of no audio: longer than the idle timeout
+        listening = frames_of(silent)
+        assert len(listening) >= 25 and not any(f.pcm.any() for f in listening)
+        assert [f.index for f in listening] == list(range(len(listening)))
+        assert all(f.pts == pytest.approx(f.index / 25) and len(f.pcm) == 640 for f in listening)
+
+        live.send(utterance)
+        live.segment_end()
+        spoken = collect(live, until=lambda m: isinstance(m, dict) and m["type"] == "playback_finished")
+        assert spoken[-1]["position_s"] == pytest.approx(1.5) and not spoken[-1]["interrupted"]
+        assert {"type": "state", "state": "speaking"}.items() <= next(
+            m for m in spoken if isinstance(m, dict) and m["type"] == "state").items()
+        pcm = np.concatenate([f.pcm for f in frames_of(spoken)])
+        nz = np.flatnonzero(pcm)
+        assert np.array_equal(pcm[nz[0]:nz[0] + len(utterance)], utterance)  # the exact PCM, once, in order
+        first = frames_of(spoken)[0].index
+        assert (first * 640 + nz[0]) % (4 * 640) == 0  # speech starts on a block boundary of the clock
+
+        live.send(speech(4.0) + 0.01)
+        started = collect(live, until=lambda m: isinstance(m, LiveFrame) and m.pcm.any())
+        live.interrupt()
+        cut = collect(live, until=lambda m: isinstance(m, dict) and m["type"] == "playback_finished")
+        assert cut[-1]["interrupted"] and 0 < cut[-1]["position_s"] < 4.0
+        after = frames_of(collect(live, seconds=2.0))
+        assert len(after) >= 25 and not any(f.pcm.any() for f in after)  # nothing of the dropped speech
+        assert started and after[-1].index == after[0].index + len(after) - 1
+
+        live.end()
+        done = collect(live, until=lambda m: isinstance(m, dict) and m["type"] in ("done", "error"))
+        assert done[-1]["type"] == "done"
+
+
+def test_live_start_rejects_recording_and_bad_flags(server):
+    import json
+
+    from websockets.sync.client import connect
+
+    from avatarforcing.serve.client import start_message
+
+    for start, code in [({"live": "yes"}, "protocol"), ({"live": True, "record": True}, "protocol")]:
+        msg = json.loads(start_message(identity="demo"))
+        msg.update(start)
+        with connect(server) as ws:
+            ws.send(json.dumps(msg))
+            reply = json.loads(ws.recv())
+            assert reply["type"] == "error" and reply["code"] == code
