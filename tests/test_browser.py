@@ -79,3 +79,12 @@ def test_bad_portrait_shows_a_readable_banner(server, tmp_path):
     bad.write_bytes(b"this is not a picture" * 20)
     out = run_flow(server, "error", bad)
     assert "not a readable image" in out["banner"]
+
+
+@needs_browser
+def test_conversation_mode_is_always_on_speaks_and_stops(server, tmp_path):
+    pytest.importorskip("avatarforcing.data.speech").engine()  # server-side speech needs libespeak-ng
+    out = run_flow(server, "live", tmp_path)
+    assert out["silent"]["n"] >= 30  # frames drawn with nobody speaking
+    assert out["speaking"]["mouth"] > 1.5 * out["settled"]["mouth"] and not out["after"]["speaking"]
+    assert out["speaking"]["backwards"] == 0 and (tmp_path / "page_live.png").stat().st_size > 10_000

@@ -3,6 +3,8 @@
 //   say DIR     type a sentence, "Say it" with recording on: frames arrive, the mouth region moves more than
 //               the forehead (sampled at every drawn frame), and the MP4 download is saved to DIR/recording.mp4
 //   error FILE  upload FILE (not an image) as the portrait: a readable error banner appears
+//   live DIR    conversation mode: frames while silent, a typed sentence moves the mouth, Stop settles it;
+//               a screenshot of the page in conversation mode is saved to DIR/page_live.png
 // Prints one JSON line with what it measured; exits non-zero on failure.
 import { chromium } from "playwright-core";
 
@@ -24,6 +26,7 @@ const SAMPLER = `(() => {
   const last = {}, sum = { mouth: 0, forehead: 0 }; let n = 0, drawn = window.avatarFramesDrawn || 0;
   let lastIndex = -1, backwards = 0;  // frame indices as drawn (window.avatarDrawnIndex): must only increase
   window.motion = () => ({ mouth: sum.mouth / Math.max(n, 1), forehead: sum.forehead / Math.max(n, 1), n, backwards });
+  window.motionReset = () => { sum.mouth = 0; sum.forehead = 0; n = 0; };
   const sample = () => {
     if (window.avatarDrawnIndex <= lastIndex) backwards++;
     lastIndex = window.avatarDrawnIndex;
@@ -58,8 +61,33 @@ try {
     });
     console.log(JSON.stringify({ flow, frames: await page.evaluate(() => window.avatarFramesDrawn), lit }));
     if (lit < 10) fail("canvas is empty");
+  } else if (flow === "live") {
+    // conversation mode: always on once an identity is picked; a typed sentence is spoken; Stop interrupts
+    await page.evaluate(SAMPLER);
+    await page.click("#identities button");
+    await page.waitForFunction(() => (window.avatarFramesDrawn || 0) >= 40, null, { timeout: 60000 });
+    const silent = await page.evaluate(() => { const m = window.motion(); window.motionReset(); return m; });
+    await page.fill("#text", "Hello there. My mouth opens and closes while I read this sentence aloud to you.");
+    await page.click("#say");
+    await page.waitForFunction(() => window.avatarSpeaking === true, null, { timeout: 60000 });
+    await page.evaluate(() => window.motionReset());
+    await page.waitForTimeout(2000);
+    const speaking = await page.evaluate(() => window.motion());
+    const stats = await page.evaluate(() => ["s-av", "s-speech", "s-late", "s-mode"].map((id) => document.getElementById(id).textContent));
+    await page.screenshot({ path: `${arg}/page_live.png`, fullPage: true });
+    await page.click("#stop");
+    await page.waitForTimeout(2500);  // the look-ahead, one block, the page's jitter buffer
+    await page.evaluate(() => window.motionReset());
+    await page.waitForTimeout(2000);
+    const settled = await page.evaluate(() => window.motion());
+    const after = await page.evaluate(() => ({ speaking: window.avatarSpeaking, frames: window.avatarFramesDrawn }));
+    console.log(JSON.stringify({ flow, silent, speaking, settled, stats, after }));
+    if (silent.n < 30) fail(`only ${silent.n} frames while silent`);
+    if (!(speaking.mouth > 1.5 * settled.mouth)) fail(`the mouth did not settle: ${speaking.mouth} then ${settled.mouth}`);
+    if (after.speaking) fail("still speaking after Stop");
   } else if (flow === "say") {
     await page.evaluate(SAMPLER);
+    await page.uncheck("#converse");  // the one-shot flow: a sentence streamed as a file, recorded
     await page.check("#record");
     await page.fill("#text", "Hello there. My mouth opens and closes while I read this sentence aloud to you.");
     await page.click("#say");
