@@ -136,7 +136,8 @@ class Avatar:
         c = self.cfg.codec
         mode = "square" if c.vae == "mini" else "fit"
         arr = prepare_image(load_image(image, exif_rotate=c.exif_rotate), c.height, c.width, mode=mode,
-                            min_side=min(c.height, c.width) // 2, name=str(image)[:200], filter=c.image_filter)
+                            min_side=min(c.height, c.width) // 2, filter=c.image_filter,
+                            name=str(image)[:200] if isinstance(image, str | Path) else "the portrait")
         return torch.from_numpy(arr)[None].to(self.device, self.dtype)
 
     @torch.no_grad()

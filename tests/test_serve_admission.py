@@ -189,3 +189,40 @@ def test_admission_counts_and_caps():
         assert one.crowded("new") and one.crowded("other")
     adm.shutting_down = True
     assert adm.full() and adm.refusal() == "server is shutting down"
+
+
+def test_a_server_that_falls_behind_does_not_call_its_client_idle(avatar, monkeypatch):
+    """#25: the reader pauses while the queue is full; that pause is the server being behind, not the client
+    being idle. Before the fix the stream ended with idle_timeout while the client's audio waited."""
+    real = Avatar.session
+
+    def slow_session(self, *a, **kw):
+        s = real(self, *a, **kw)
+        push = s.push
+
+        def slow_push(pcm):
+            time.sleep(0.4)  # 0.25 s of audio per 0.4 s: slower than real time
+            return push(pcm)
+
+        s.push = slow_push
+        return s
+
+    monkeypatch.setattr(Avatar, "session", slow_session)
+    limits = Limits(max_buffered_seconds=0.5, push_seconds=0.25, idle_timeout_s=1.0)
+    with TestClient(create_app(avatar, limits)) as c, c.websocket_connect("/ws") as ws:
+        ws.send_text(start_message(identity="demo"))
+        assert json.loads(ws.receive_text())["type"] == "ready"
+        pcm = speech(3.0)
+        for i in range(0, len(pcm), 4000):
+            ws.send_bytes(pcm[i:i + 4000].tobytes())
+        ws.send_text(json.dumps({"type": "end"}))
+        frames, last = 0, None
+        while True:
+            m = ws.receive()
+            if m.get("bytes") is not None:
+                frames += 1
+                continue
+            last = json.loads(m["text"])
+            if last["type"] in ("done", "error"):
+                break
+    assert last == {"type": "done", "frames": 75} and frames == 75

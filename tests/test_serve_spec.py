@@ -45,11 +45,11 @@ def test_every_serve_flag_lands_in_the_spec():
     args = build_parser().parse_args(
         ["serve", "--model", "m", "--host", "0.0.0.0", "--port", "9", "--max-sessions", "3", "--device", "cuda",
          "--allow-origin", "https://a.example", "--allow-origin", "https://b.example", "--docs", "--dtype", "bf16",
-         "--engine", "fp8", "--prompt", "a calm voice"])
+         "--engine", "fp8", "--prompt", "a calm voice", "--session-limit", "600"])
     s = spec_from_args(args)
     assert (s.model, s.host, s.port, s.device, s.dtype, s.engine, s.prompt) == \
         ("m", "0.0.0.0", 9, "cuda", "bf16", "fp8", "a calm voice")
-    assert s.limits == dataclasses.replace(Limits(), max_sessions=3, docs=True,
+    assert s.limits == dataclasses.replace(Limits(), max_sessions=3, docs=True, max_session_seconds=600.0,
                                            allow_origins=("https://a.example", "https://b.example"))
     assert s.ray is None
 
@@ -69,6 +69,7 @@ def test_every_serve_flag_lands_in_the_spec():
     (["serve", "--ray", "--autoscale", "x"], "expected MIN:MAX"),
     (["serve", "--address", "auto"], "options of --ray"),
     (["serve", "--max-sessions", "0"], "at least 1"),
+    (["serve", "--session-limit", "0"], "positive number of seconds"),
 ])
 def test_bad_serve_flags_fail_before_anything_loads(argv, why):
     with pytest.raises(AvatarForcingError, match=why):

@@ -12,9 +12,10 @@ def add(sub) -> None:
     b = sub.add_parser("bench", help="speed benchmarks (JSON)",
                        description="speed: the streaming engine (DiT + VAE) per step; codec: VAE decode rate; "
                                    "serve: load test of the server on 127.0.0.1 with real-time clients; "
-                                   "audio-rows: streaming wav2vec2 rows against whole-clip rows.")
-    b.add_argument("what", choices=["speed", "codec", "serve", "audio-rows"])
-    b.add_argument("--model", default="mini", choices=["mini", "wan-1.3b"])
+                                   "audio-rows: streaming wav2vec2 rows against whole-clip rows; live: the live "
+                                   "avatar as a voice agent uses it (latencies, interrupt, A/V offset, a soak).")
+    b.add_argument("what", choices=["speed", "codec", "serve", "audio-rows", "live"])
+    b.add_argument("--model", default="mini", help="mini or wan-1.3b (bench live: any model folder)")
     b.add_argument("--frames", type=int, default=1000)
     b.add_argument("--modes", default="avatarforcing,ar", help="comma-separated samplers to compare")
     b.add_argument("--variants", help="bench speed: engine variants to compare with eager, e.g. "
@@ -32,6 +33,9 @@ def add(sub) -> None:
     b.add_argument("--audio", help="bench audio-rows: a speech file")
     b.add_argument("--left", default="25,50,100", help="bench audio-rows: left contexts to try (video frames)")
     b.add_argument("--lookahead", default="0,2,4,8", help="bench audio-rows: look-aheads to try (video frames)")
+    b.add_argument("--utterances", type=int, default=8, help="bench live: utterances in the real-time conversation")
+    b.add_argument("--soak-minutes", type=float, default=10.0, help="bench live: simulated minutes of the soak "
+                                                                    "(5 s speech / 20 s silence; 0: none)")
     b.set_defaults(func=run)
 
 
@@ -40,6 +44,14 @@ def run(args) -> int:
 
     from ..eval.bench import run_codec, speed_main
 
+    if args.what == "live":
+        from ..eval.live_bench import bench_live
+
+        bench_live(args.model, args.utterances, soak_minutes=args.soak_minutes, json_path=args.json,
+                   device=args.device)
+        return 0
+    if args.model not in ("mini", "wan-1.3b") and args.what in ("speed", "codec"):
+        raise AvatarForcingError(f"bench {args.what} --model: mini or wan-1.3b, got {args.model!r}")
     if args.what == "speed":
         modes = args.modes.split(",")
         variants = args.variants.split(",") if args.variants else None

@@ -22,6 +22,11 @@ def add(sub) -> None:
     v.add_argument("--device", default="cpu")
     v.add_argument("--allow-origin", action="append", help="a web origin (https://example.org) whose pages may "
                                                            "open streams, besides this server's own page; '*': any")
+    v.add_argument("--session-limit", type=float, default=Limits.max_session_seconds, metavar="SECONDS",
+                   help="wall-clock length of a session, live or not (default %(default)g s)")
+    v.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a host name clients may reach this server by (the Host header; DNS rebinding). Default: "
+                        "the loopback names and --host when it is one address; any when --host is 0.0.0.0 or ::")
     v.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
     r = v.add_argument_group("Ray Serve (many replicas, GPUs, machines; pip install -e '.[ray]')")
     r.add_argument("--ray", action="store_true", help="serve as a Ray Serve application")
@@ -61,9 +66,25 @@ def spec(args) -> ServingSpec:
         from ..model import fast
 
         fast.parse(args.engine)  # a bad name fails here, not in every replica
-    limits = Limits(max_sessions=sessions, allow_origins=tuple(args.allow_origin or ()), docs=args.docs)
+    if args.session_limit <= 0:
+        raise AvatarForcingError(f"--session-limit {args.session_limit}: need a positive number of seconds")
+    limits = Limits(max_sessions=sessions, allow_origins=tuple(args.allow_origin or ()), docs=args.docs,
+                    max_session_seconds=args.session_limit, allow_hosts=allowed_hosts(args))
     return ServingSpec(model=args.model, device=args.device, dtype=args.dtype, engine=args.engine,
                        host=args.host, port=args.port, limits=limits, ray=ray, **prompt(args))
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+
+
+def allowed_hosts(args) -> tuple[str, ...]:
+    """--allow-host, or by default the loopback names plus --host itself; no check for a wildcard bind."""
+    if args.allow_host:
+        return tuple(args.allow_host)
+    if args.host in ("0.0.0.0", "::", ""):
+        return ()
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    return tuple(dict.fromkeys((*LOOPBACK, host.lower())))
 
 
 def run(args) -> int:

@@ -16,6 +16,7 @@ ImageSource = str | Path | bytes | BinaryIO | Image.Image | np.ndarray
 
 
 MAX_PIXELS = 25_000_000  # ~ a 6000 x 4000 photo; larger is refused before decoding
+ROWS = 256  # rows converted at a time from a deep (16-bit, 32-bit, float) image
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -24,12 +25,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     deep images are scaled to 8 bits (16-bit integers by 1/257, floats in [0, 1] by 255), transparency is laid
     over white."""
     if img.mode.startswith("I") or img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I") and (img.mode.startswith("I;16") or a.max() > 255):
-            a = a / 257.0
-        elif img.mode == "F" and a.max() <= 1.0:
-            a = a * 255.0
-        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+        src = np.asarray(img)  # its own dtype (uint16 / int32 / float32): no widened copy of the whole image
+        div, mul = 1.0, 1.0
+        if img.mode.startswith("I") and (img.mode.startswith("I;16") or src.max() > 255):
+            div = 257.0
+        elif img.mode == "F" and src.max() <= 1.0:
+            mul = 255.0
+        out = np.empty(src.shape, np.uint8)
+        for i in range(0, len(src), ROWS):  # float64 a band of rows at a time: the peak stays near the source's
+            out[i:i + ROWS] = np.clip(np.round(src[i:i + ROWS].astype(np.float64) / div * mul), 0, 255)
+        img = Image.fromarray(out, "L")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

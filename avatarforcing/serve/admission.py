@@ -78,8 +78,8 @@ class Pool:
 
 
 class Gate:
-    """At most ``active`` jobs at once and ``waiting`` in line; the next is refused (503), so a flood of
-    requests cannot queue unbounded CPU work behind the streams."""
+    """At most ``waiting`` jobs admitted (running or in line), ``active`` of them running at once; the next is
+    refused (503), so a flood of requests cannot queue unbounded CPU work behind the streams."""
 
     def __init__(self, active: int, waiting: int, what: str):
         self.sem, self.waiting, self.what, self.queued = asyncio.Semaphore(active), waiting, what, 0
@@ -102,3 +102,34 @@ def origin_allowed(headers: Mapping[str, str], allow_origins: tuple[str, ...]) -
     if origin is None or "*" in allow_origins or origin in allow_origins:
         return True
     return urlsplit(origin).netloc == headers.get("host")
+
+
+def host_name(host: str) -> str:
+    """The name part of a Host header value: ``example.org:8000`` -> ``example.org``, ``[::1]:80`` -> ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]")[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class HostAllowList:
+    """ASGI wrapper: requests and WebSockets whose Host header names a host outside ``hosts`` are refused (400;
+    a WebSocket is closed 1008 before it is accepted). A page served from a rebinding DNS name carries that
+    name in Host, so same-origin checks cannot be fooled by it."""
+
+    def __init__(self, app, hosts: tuple[str, ...]):
+        self.app, self.hosts = app, set(hosts)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in self.hosts:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body",
+                            "body": b'{"error": "bad_host", "message": "this server does not serve that host name"}'})
+                return
+        await self.app(scope, receive, send)

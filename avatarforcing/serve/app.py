@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 
 from ..errors import AvatarForcingError
 from ..identities import IDENTITIES, identity_image
-from .admission import Gate, origin_allowed
+from .admission import Gate, HostAllowList, origin_allowed
 from .connection import Connection, Shared
 from .live import LiveStream
 from .metrics import Metrics
@@ -62,6 +62,8 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
 
     docs = {} if limits.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="avatarforcing", lifespan=lifespan, **docs)
+    if limits.allow_hosts:
+        app.add_middleware(HostAllowList, hosts=limits.allow_hosts)
     app.state.metrics, app.state.limits, app.state.avatar = metrics, limits, avatar
     app.state.notify_shutdown = notify_shutdown
 
@@ -113,8 +115,8 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
         loop = asyncio.get_running_loop()
         async with prepare_gate():
             try:
-                image = checked_image(data, limits, avatar.cfg.codec.exif_rotate)
-                ref = await loop.run_in_executor(None, lambda: avatar.prepare_reference(image))
+                ref = await loop.run_in_executor(None, lambda: avatar.prepare_reference(
+                    checked_image(data, limits, avatar.cfg.codec.exif_rotate)))  # decoded off the event loop
             except AvatarForcingError as e:
                 raise ClientError("bad_image", str(e)) from None
         from ..data.image import to_uint8
@@ -130,10 +132,15 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
             raise ClientError("bad_text", "expected {\"text\": \"a sentence\"}")
         if len(text) > limits.max_text_chars:
             raise ClientError("bad_text", f"text of {len(text)} characters; at most {limits.max_text_chars}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ClientError("bad_text", "the text is not valid Unicode (a lone surrogate)") from None
         loop = asyncio.get_running_loop()
         async with speech_gate():
             try:
-                wav = await loop.run_in_executor(None, lambda: _speak(text, avatar.cfg.codec.sample_rate))
+                wav = await loop.run_in_executor(None, lambda: _speak(text, avatar.cfg.codec.sample_rate,
+                                                                      limits.max_speech_seconds))
             except AvatarForcingError as e:
                 raise ClientError("unavailable", f"speech synthesis unavailable: {e}") from None
         return Response(wav, media_type="audio/wav")
@@ -144,11 +151,14 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
 
     @app.api_route("/recordings/{token}.mp4", methods=["GET", "HEAD"])
     async def recording(token: str):
-        data = await shared.recordings.fetch(token)
+        headers = {"content-disposition": 'attachment; filename="avatarforcing.mp4"'}
+        path = shared.recordings.get(token)
+        if path is not None and path.is_file():  # streamed from disk, not read into memory
+            return FileResponse(path, media_type="video/mp4", headers=headers)
+        data = await shared.recordings.fetch(token)  # a replicated deployment: another replica's, from the hub
         if data is None:
             return JSONResponse({"error": "not_found", "message": "no such recording (they expire)"}, 404)
-        return Response(data, media_type="video/mp4",
-                        headers={"content-disposition": 'attachment; filename="avatarforcing.mp4"'})
+        return Response(data, media_type="video/mp4", headers=headers)
 
     @app.api_route("/", methods=["GET", "HEAD"])
     async def index():
@@ -220,13 +230,16 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _speak(text: str, rate: int) -> bytes:
+def _speak(text: str, rate: int, max_seconds: float) -> bytes:
     import soundfile as sf
 
     from ..data.audio import resample
     from ..data.speech import synthesize
 
     sp = synthesize(text)
+    if len(sp.samples) > max_seconds * sp.rate:
+        raise ClientError("too_large", f"that text makes {len(sp.samples) / sp.rate:.0f} s of speech; at most "
+                                       f"{max_seconds:.0f} s")
     buf = io.BytesIO()
     sf.write(buf, resample(sp.samples, sp.rate, rate), rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()

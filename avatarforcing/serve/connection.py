@@ -8,6 +8,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from fastapi import WebSocket, WebSocketDisconnect
+from websockets.exceptions import ConnectionClosed
 
 from .admission import Admission, Pool
 from .metrics import Metrics
@@ -58,6 +59,12 @@ class Connection:
             await asyncio.wait_for(coro, timeout=self.limits.send_timeout_s)
         except TimeoutError:
             raise ClientError("slow_consumer", "client stopped reading frames") from None
+        except (OSError, RuntimeError, ConnectionClosed) as e:
+            # the client went away (reset, closed, or the server side already closed): a disconnect, not a
+            # server fault; anything else propagates
+            if isinstance(e, RuntimeError) and "close" not in str(e) and "disconnect" not in str(e).lower():
+                raise
+            raise WebSocketDisconnect(1006) from None
 
     async def close_with_error(self, code: str, message: str) -> None:
         """Send the error frame and close, each bounded: a client that does not read cannot hold this up."""

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -118,6 +119,12 @@ def server(app, host: str, port: int, limits: Limits, **kw) -> Server:
 
 
 def run(app, host: str, port: int, limits: Limits) -> None:
+    log = logging.getLogger("avatarforcing")
+    if not log.handlers:  # uvicorn configures its own loggers only: client errors are logged at INFO here
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     server(app, host, port, limits).run()
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import AvatarForcingError
 from .connection import Connection, Shared
 from .protocol import PROTOCOL, ClientError, StartRequest, decode_pcm, live_frame_message, parse_control
-from .stream import Stream, checked_image
+from .stream import Stream
 
 TICK_S = 0.04  # the pacing loop's period (one video frame at 25 fps)
 
@@ -43,10 +43,8 @@ class LiveStream(Stream):
 
     async def open(self) -> None:
         avatar, req, loop = self.shared.avatar, self.req, asyncio.get_running_loop()
-        try:
-            image = req.image if isinstance(req.image, np.ndarray) else \
-                checked_image(req.image, self.limits, self.codec.exif_rotate)
-            self.live = await loop.run_in_executor(None, lambda: avatar.live(image, seed=req.seed,
+        try:  # decoded in the worker: a large upload never stalls the event loop
+            self.live = await loop.run_in_executor(None, lambda: avatar.live(self.portrait(), seed=req.seed,
                                                                               prompt=req.prompt))
         except AvatarForcingError as e:
             raise ClientError("bad_prompt" if req.prompt and "prompt" in str(e) else "bad_image", str(e)) from None

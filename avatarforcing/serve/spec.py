@@ -31,15 +31,18 @@ class Limits:
     push_seconds: float = 1.0  # at most this much audio per model push, so frames flow while a backlog drains
     max_image_pixels: int = 25_000_000  # checked from the image header, before decoding
     max_text_chars: int = 500  # /speak
+    max_speech_seconds: float = 60.0  # /speak: longer synthesised speech is refused
     jpeg_quality: int = 85
     late_ms: float = 500.0  # a frame later than this beyond its look-ahead counts in frames_late_total
     allow_origins: tuple[str, ...] = ()  # besides same-host pages and clients sending no Origin; "*": any
+    allow_hosts: tuple[str, ...] = ()  # Host header names served (DNS rebinding); empty: any
     docs: bool = False  # /docs, /redoc, /openapi.json
     recordings: int = 8  # MP4 recordings kept for download (oldest deleted first)
     recording_ttl_s: float = 600.0
 
     def __post_init__(self):
         self.allow_origins = tuple(self.allow_origins)
+        self.allow_hosts = tuple(h.lower() for h in self.allow_hosts)
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0 and \

@@ -45,6 +45,7 @@ class Stream:
         self.session = None
         self.writer, self.token, self.path = None, None, None  # the recording, if asked for
         self.t_start = 0.0
+        self.paused_s = 0.0  # the reader's time paused by backpressure
 
     async def close(self, code: str, message: str) -> None:
         """Closed by the server (shutdown): the error frame, then stop the reader."""
@@ -78,11 +79,9 @@ class Stream:
                 await loop.run_in_executor(None, lambda: avatar.context(req.prompt))
             except AvatarForcingError as e:
                 raise ClientError("bad_prompt", str(e)) from None
-        try:
-            image = req.image if isinstance(req.image, np.ndarray) else \
-                checked_image(req.image, self.limits, self.codec.exif_rotate)
-            self.session = await loop.run_in_executor(None, lambda: avatar.session(image, seed=req.seed,
-                                                                                    prompt=req.prompt))
+        try:  # the image is decoded in the worker too: a large upload never stalls the event loop
+            self.session = await loop.run_in_executor(None, lambda: avatar.session(
+                self.portrait(), seed=req.seed, prompt=req.prompt))
         except AvatarForcingError as e:
             raise ClientError("bad_image", str(e)) from None
         if req.record:
@@ -91,12 +90,20 @@ class Stream:
             self.token, self.path = self.shared.recordings.new_path()
             self.writer = VideoWriter(self.path, fps=self.codec.fps, sample_rate=self.codec.sample_rate)
 
+    def portrait(self):
+        """The start request's portrait as pixels (an upload is checked from its header, then decoded)."""
+        if isinstance(self.req.image, np.ndarray):
+            return self.req.image
+        return checked_image(self.req.image, self.limits, self.codec.exif_rotate)
+
     async def read(self) -> None:
         """Drain the socket into the queue: keepalive pings keep being answered whatever the client sends."""
         limits, rate = self.limits, self.codec.sample_rate
         while True:
             wall = time.monotonic() - self.t_start
-            idle_in = self.t_start + self.received / rate + limits.idle_timeout_s - time.monotonic()
+            # idle means the client sent nothing: time the reader spent paused by backpressure (the server
+            # behind, the client's audio waiting in the socket) does not count
+            idle_in = self.t_start + self.paused_s + self.received / rate + limits.idle_timeout_s - time.monotonic()
             limit_in = limits.max_session_seconds - wall
             code, why = ("idle_timeout", f"no audio for {limits.idle_timeout_s:.0f} s (the stream's audio fell "
                                          f"that far behind real time)") if idle_in < limit_in else \
@@ -118,7 +125,9 @@ class Stream:
             self.queue.put_nowait(pcm)
             if self.buffered > limits.max_buffered_seconds * rate:
                 self.room.clear()
+                paused = time.monotonic()
                 await self.room.wait()  # backpressure: the processor catches up (faster than real time)
+                self.paused_s += time.monotonic() - paused
 
     def _buffer(self, n: int) -> None:
         """``n`` samples enter the queue (negative: leave it)."""
@@ -131,6 +140,8 @@ class Stream:
         """Queued audio up to ``push_seconds`` and whether 'end' came with it; None if the server closed the
         stream. A failed reader raises its error here."""
         while True:
+            if read_task.done() and not read_task.cancelled() and read_task.exception() is not None:
+                raise read_task.exception()  # the client left or erred: no more pushes for it
             getter = asyncio.ensure_future(self.queue.get())
             done, _ = await asyncio.wait({getter, read_task}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:

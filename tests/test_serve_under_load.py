@@ -1,0 +1,127 @@
+"""Serving under load and abuse (#25): each test failed before its fix."""
+
+import io
+import json
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from starlette.websockets import WebSocketDisconnect
+
+from avatarforcing.api import Avatar
+from avatarforcing.data.image import load_image
+from avatarforcing.serve.app import create_app
+from avatarforcing.serve.client import start_message
+from avatarforcing.serve.spec import Limits
+
+from .conftest import free_port, speech
+
+
+@pytest.fixture(scope="module")
+def avatar():
+    return Avatar.load("mini")
+
+
+def test_host_allow_list_refuses_a_rebinding_name(avatar):
+    app = create_app(avatar, Limits(allow_hosts=("localhost", "127.0.0.1")))
+    with TestClient(app, base_url="http://localhost:8000") as ok:
+        assert ok.get("/healthz").status_code == 200
+        with ok.websocket_connect("ws://localhost:8000/ws") as ws:
+            ws.send_text(start_message(identity="demo"))
+            assert json.loads(ws.receive_text())["type"] == "ready"
+    with TestClient(app, base_url="http://evil.example:8000") as bad:
+        for route in ("/healthz", "/metrics", "/identities"):
+            r = bad.get(route)
+            assert r.status_code == 400 and r.json()["error"] == "bad_host"
+        assert bad.post("/speak", json={"text": "hi"}).status_code == 400
+        with pytest.raises(WebSocketDisconnect), bad.websocket_connect("ws://evil.example:8000/ws",
+                                                                      headers={"origin": "http://evil.example:8000"}):
+            pass
+
+
+def test_speak_with_a_lone_surrogate_is_a_client_error(avatar):
+    with TestClient(create_app(avatar)) as c:
+        r = c.post("/speak", content=json.dumps({"text": "hello \ud800 there"}),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"] == "bad_text"
+
+
+def test_a_bad_image_message_names_no_heap_address(avatar):
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 12), (200, 30, 30)).save(buf, format="PNG")  # decodable, too small to use
+    with TestClient(create_app(avatar)) as c, c.websocket_connect("/ws") as ws:
+        ws.send_text(start_message(image=buf.getvalue()))
+        msg = json.loads(ws.receive_text())
+    assert msg["code"] == "bad_image" and " at 0x" not in msg["message"] and "PIL" not in msg["message"]
+
+
+def test_a_start_image_is_decoded_off_the_event_loop(avatar, monkeypatch):
+    from avatarforcing.serve import stream
+
+    threads = []
+    real = stream.checked_image
+
+    def spy(*a, **kw):
+        threads.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(stream, "checked_image", spy)
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 200), (90, 120, 200)).save(buf, format="PNG")
+    with TestClient(create_app(avatar)) as c, c.websocket_connect("/ws") as ws:
+        loop_thread = c.portal.call(lambda: threading.current_thread().name)
+        ws.send_text(start_message(image=buf.getvalue()))
+        assert json.loads(ws.receive_text())["type"] == "ready"
+    assert threads and all(t != loop_thread for t in threads)
+
+
+def test_a_deep_image_is_converted_without_widening_it_whole():
+    """A 16-bit PNG used to become float64 copies of the whole image (about 8 bytes a pixel, several times)."""
+    h, w = 1500, 2000
+    a = (np.arange(h * w, dtype=np.uint32) % 65536).astype(np.uint16).reshape(h, w)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    data = buf.getvalue()
+    tracemalloc.start()
+    img = load_image(data)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert img.size == (w, h) and img.mode == "RGB"
+    assert np.asarray(img)[0, 257, 0] == 1 and np.asarray(img)[0, 65535 % w, 0] <= 255
+    # numpy's own allocations: the uint16 source, the uint8 result and one band (~5.7 B/px here, less on larger
+    # images); the whole-image float64 copies took about 32
+    assert peak < 8 * h * w, f"{peak / (h * w):.1f} bytes a pixel at peak"
+
+
+def test_abrupt_disconnects_are_not_internal_errors(avatar):
+    import uvicorn
+    from websockets.sync.client import connect
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(avatar), host="127.0.0.1", port=port, log_level="critical"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        pcm = speech(4.0)
+        for _ in range(6):
+            ws = connect(f"ws://127.0.0.1:{port}/ws")
+            ws.send(start_message(identity="demo"))
+            ws.recv()
+            for i in range(0, len(pcm), 8000):
+                ws.send(pcm[i:i + 8000].tobytes())
+            time.sleep(0.3)  # frames are flowing
+            ws.socket.close()  # gone without a close frame (a crash, a dropped network)
+        time.sleep(1.5)
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        metrics = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line[:1] != "#"}
+        assert metrics["avatarforcing_internal_errors_total"] == 0
+        assert metrics["avatarforcing_sessions_active"] == 0
+    finally:
+        srv.should_exit = True
