@@ -132,10 +132,14 @@ class Avatar:
 
     # ------------------------------------------------------------------ use
 
+    @property
+    def image_fit(self) -> str:
+        """How a portrait is fitted to the frame: "square" (centre crop, mini) or "fit" (keep the aspect)."""
+        return "square" if self.cfg.codec.vae == "mini" else "fit"
+
     def prepare_reference(self, image) -> Tensor:
         c = self.cfg.codec
-        mode = "square" if c.vae == "mini" else "fit"
-        arr = prepare_image(load_image(image, exif_rotate=c.exif_rotate), c.height, c.width, mode=mode,
+        arr = prepare_image(load_image(image, exif_rotate=c.exif_rotate), c.height, c.width, mode=self.image_fit,
                             min_side=min(c.height, c.width) // 2, filter=c.image_filter,
                             name=str(image)[:200] if isinstance(image, str | Path) else "the portrait")
         return torch.from_numpy(arr)[None].to(self.device, self.dtype)

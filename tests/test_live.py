@@ -147,3 +147,68 @@ def test_a_live_session_holds_constant_memory(tiny):
     assert grown < 200_000, grown  # bytes of Python objects over two simulated minutes
     assert total == live.frames and live.frames >= 3 * 60 * FPS - 2 * FPS
     assert len(live.timeline) <= 8 * 4 * SPF and len(live.session.stats.dit_ms) <= 1000
+
+
+class _FakeSession:
+    """The engine's Session contract as LiveSession uses it (push a block -> that block's frames, delayed by a
+    look-ahead; mute; close), with no model: an hour of the live session's own bookkeeping runs in seconds."""
+
+    lookahead_ms = 160.0
+
+    def __init__(self):
+        self.blocks, self.frame = [], np.zeros((4, 8, 8, 3), np.uint8)
+
+    def push(self, pcm):
+        self.blocks.append(len(pcm))
+        return [self.frame] if len(self.blocks) > 1 else []
+
+    def close(self):
+        return [self.frame]
+
+    def mute(self, start):
+        pass
+
+
+class _FakeAvatar:
+    def __init__(self):
+        self.cfg = tiny_cfg()
+
+    @property
+    def framing(self):
+        from avatarforcing.api import Framing
+
+        return Framing(False, SPF)
+
+    def session(self, *a, **kw):
+        return _FakeSession()
+
+
+def test_an_hour_of_live_bookkeeping_is_bounded():
+    """A simulated hour (30 s cycles: 5 s speech, 25 s silence; every 4th utterance interrupted): no frame lost,
+    the buffers and the Python heap do not grow with the hour."""
+    from avatarforcing.live import LiveSession
+
+    live = LiveSession(_FakeAvatar(), None)
+    utterance = np.full(5 * 16000, 0.1, np.float32)
+    frames = 0
+    tracemalloc.start()
+    base = None
+    for cycle in range(120):
+        t0 = cycle * 30.0
+        live.push(utterance)
+        live.end_segment()
+        for k in range(1, 31 * 5):
+            t = t0 + 0.2 * k
+            if t > t0 + 30:
+                break
+            frames += len(live.tick(t))
+            if cycle % 4 == 3 and abs(t - t0 - 2.0) < 1e-9:
+                live.interrupt()
+        live.events()
+        if cycle == 10:
+            base = tracemalloc.get_traced_memory()[0]
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert frames == live.frames and live.frames >= 3600 * FPS - 2 * FPS
+    assert grown < 50_000, grown
+    assert len(live.timeline) <= 3 * 4 * SPF and not live.segments and not live.queue

@@ -106,9 +106,14 @@ def test_abrupt_disconnects_are_not_internal_errors(avatar):
     threading.Thread(target=srv.run, daemon=True).start()
     while not srv.started:
         time.sleep(0.05)
+    import urllib.request
+
+    def active():
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read())["sessions"]
+
     try:
-        pcm = speech(4.0)
-        for _ in range(6):
+        pcm = speech(8.0)  # several seconds of pushes queued: a processor that ignored the disconnect would go on
+        for _ in range(4):
             ws = connect(f"ws://127.0.0.1:{port}/ws")
             ws.send(start_message(identity="demo"))
             ws.recv()
@@ -116,12 +121,51 @@ def test_abrupt_disconnects_are_not_internal_errors(avatar):
                 ws.send(pcm[i:i + 8000].tobytes())
             time.sleep(0.3)  # frames are flowing
             ws.socket.close()  # gone without a close frame (a crash, a dropped network)
-        time.sleep(1.5)
-        import urllib.request
-
+            deadline = time.monotonic() + 3.0  # the slot is freed within about one push, not after the queue
+            while active() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert active() == 0
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         metrics = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line[:1] != "#"}
         assert metrics["avatarforcing_internal_errors_total"] == 0
         assert metrics["avatarforcing_sessions_active"] == 0
     finally:
         srv.should_exit = True
+
+
+def test_speech_and_portraits_run_in_a_low_priority_process():
+    """/speak and /prepare share the CPU with the streams: they run niced, in their own process."""
+    import asyncio
+    import os
+
+    from avatarforcing.serve.workers import NICE, Workers
+
+    workers = Workers()
+    try:
+        pid, nice = asyncio.run(workers.run(_pid_and_nice))
+    finally:
+        workers.close()
+    assert pid != os.getpid() and nice >= os.nice(0) + NICE
+
+
+def _pid_and_nice():
+    import os
+
+    return os.getpid(), os.nice(0)
+
+
+def test_a_fast_sender_is_rendered_at_most_max_speedup_times_real_time(avatar):
+    limits = Limits(max_speedup=1.0)
+    pcm = speech(3.0)
+    with TestClient(create_app(avatar, limits)) as c, c.websocket_connect("/ws") as ws:
+        ws.send_text(start_message(identity="demo"))
+        assert json.loads(ws.receive_text())["type"] == "ready"
+        t0 = time.monotonic()
+        ws.send_bytes(pcm.tobytes())
+        ws.send_text(json.dumps({"type": "end"}))
+        while True:
+            m = ws.receive()
+            if m.get("text") and json.loads(m["text"])["type"] == "done":
+                break
+        elapsed = time.monotonic() - t0
+    assert elapsed >= 2.0, elapsed  # 3 s of audio at most at real time: its last push waits for the clock

@@ -13,7 +13,6 @@ app under uvicorn with the limits a public server needs; ``ray.py`` replicates i
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 from contextlib import asynccontextmanager
@@ -32,7 +31,8 @@ from .metrics import Metrics
 from .protocol import HTTP_STATUS, ClientError, bounded, parse_json, parse_start, show
 from .recordings import Recordings
 from .spec import Limits
-from .stream import Stream, checked_image
+from .stream import Stream
+from .workers import Workers, prepared_png, speak_wav
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("avatarforcing.serve")
@@ -46,8 +46,9 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
     limits = limits or Limits()
     shared = Shared(avatar, limits, recordings=recordings, replica=replica)
     admission, metrics = shared.admission, shared.metrics
-    speech_gate = Gate(1, 4, "speech synthesis")  # one libespeak-ng per process
+    speech_gate = Gate(1, 4, "speech synthesis")
     prepare_gate = Gate(2, 8, "portrait preparation")
+    workers = Workers()  # /speak and /prepare: one low-priority process
 
     async def notify_shutdown() -> None:
         """Tell every open stream ('shutdown' frame) and close it; bounded, so a stuck client cannot delay it."""
@@ -59,6 +60,7 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
         yield
         await notify_shutdown()
         shared.recordings.close()
+        workers.close()
 
     docs = {} if limits.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="avatarforcing", lifespan=lifespan, **docs)
@@ -112,16 +114,14 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
     async def prepare(request: Request):
         """An uploaded portrait -> PNG of the reference the model will use (after its crop and resize)."""
         data = await read_body(request, limits.max_message_bytes)
-        loop = asyncio.get_running_loop()
-        async with prepare_gate():
+        c = avatar.cfg.codec
+        async with prepare_gate():  # decoded in the low-priority worker process: never on the event loop
             try:
-                ref = await loop.run_in_executor(None, lambda: avatar.prepare_reference(
-                    checked_image(data, limits, avatar.cfg.codec.exif_rotate)))  # decoded off the event loop
+                png = await workers.run(prepared_png, data, limits.max_image_pixels, c.exif_rotate, c.height,
+                                        c.width, avatar.image_fit, c.image_filter)
             except AvatarForcingError as e:
                 raise ClientError("bad_image", str(e)) from None
-        from ..data.image import to_uint8
-
-        return Response(_png(to_uint8(ref[0].float().cpu().numpy())), media_type="image/png")
+        return Response(png, media_type="image/png")
 
     @app.post("/speak")
     async def speak(request: Request):
@@ -136,11 +136,9 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise ClientError("bad_text", "the text is not valid Unicode (a lone surrogate)") from None
-        loop = asyncio.get_running_loop()
         async with speech_gate():
             try:
-                wav = await loop.run_in_executor(None, lambda: _speak(text, avatar.cfg.codec.sample_rate,
-                                                                      limits.max_speech_seconds))
+                wav = await workers.run(speak_wav, text, avatar.cfg.codec.sample_rate, limits.max_speech_seconds)
             except AvatarForcingError as e:
                 raise ClientError("unavailable", f"speech synthesis unavailable: {e}") from None
         return Response(wav, media_type="audio/wav")
@@ -227,21 +225,6 @@ def _png(arr: np.ndarray) -> bytes:
 
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _speak(text: str, rate: int, max_seconds: float) -> bytes:
-    import soundfile as sf
-
-    from ..data.audio import resample
-    from ..data.speech import synthesize
-
-    sp = synthesize(text)
-    if len(sp.samples) > max_seconds * sp.rate:
-        raise ClientError("too_large", f"that text makes {len(sp.samples) / sp.rate:.0f} s of speech; at most "
-                                       f"{max_seconds:.0f} s")
-    buf = io.BytesIO()
-    sf.write(buf, resample(sp.samples, sp.rate, rate), rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
 
 

@@ -42,6 +42,9 @@ class ClientError(Exception):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self):  # it crosses process boundaries (the worker process)
+        return ClientError, (self.code, str(self))
+
 
 def close_code(code: str) -> int:
     """The WebSocket close code that follows an error frame with this code."""

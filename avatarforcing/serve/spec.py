@@ -29,6 +29,7 @@ class Limits:
     send_timeout_s: float = 10.0  # a client that stops reading for this long is closed (backpressure)
     max_buffered_seconds: float = 60.0  # audio read from the socket but not processed yet (then backpressure)
     push_seconds: float = 1.0  # at most this much audio per model push, so frames flow while a backlog drains
+    max_speedup: float = 4.0  # a stream is rendered at most this many times faster than real time
     max_image_pixels: int = 25_000_000  # checked from the image header, before decoding
     max_text_chars: int = 500  # /speak
     max_speech_seconds: float = 60.0  # /speak: longer synthesised speech is refused

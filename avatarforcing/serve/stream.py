@@ -46,6 +46,7 @@ class Stream:
         self.writer, self.token, self.path = None, None, None  # the recording, if asked for
         self.t_start = 0.0
         self.paused_s = 0.0  # the reader's time paused by backpressure
+        self.rendered = 0  # samples handed to the model
 
     async def close(self, code: str, message: str) -> None:
         """Closed by the server (shutdown): the error frame, then stop the reader."""
@@ -158,6 +159,14 @@ class Stream:
         self._buffer(-len(pcm))
         return pcm, items[-1] is None
 
+    async def pace(self, samples: int) -> None:
+        """At most ``max_speedup`` x real time: a client sending a long file at once waits its turn rather than
+        taking the CPU from the real-time streams beside it."""
+        self.rendered += samples
+        ahead = self.rendered / self.codec.sample_rate / self.limits.max_speedup - (time.monotonic() - self.t_start)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
     async def emit(self, batches: list[np.ndarray]) -> None:
         c, metrics = self.codec, self.shared.metrics
         ahead = int(self.session.lookahead_ms * c.fps / 1000)  # frames of audio a frame waits for
@@ -199,6 +208,7 @@ class Stream:
                 pcm, final = got
                 if self.writer is not None:
                     self.writer.add_audio(pcm)
+                await self.pace(len(pcm))
                 steps = session.stats.steps
                 t0 = time.perf_counter()
                 out = await loop.run_in_executor(None, session.push, pcm)

@@ -1,0 +1,71 @@
+"""CPU work that is not a stream's: ``/speak`` (speech synthesis) and ``/prepare`` (decoding and fitting an
+uploaded portrait) run in one worker process at low priority (``nice`` 10), one job at a time, so a flood of
+them takes the CPU only when the streams' model steps leave it idle. The gates (admission.Gate) bound how many
+jobs may wait; the process bounds what the jobs may take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from .protocol import ClientError
+
+NICE = 10
+
+
+def _lower_priority() -> None:
+    os.nice(NICE)
+
+
+class Workers:
+    """One low-priority worker process, started on first use; ``close`` ends it."""
+
+    def __init__(self):
+        self.pool: ProcessPoolExecutor | None = None
+
+    async def run(self, fn, *args):
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_lower_priority)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+def speak_wav(text: str, rate: int, max_seconds: float) -> bytes:
+    """Text -> WAV bytes at ``rate`` (libespeak-ng), refused when longer than ``max_seconds``."""
+    import soundfile as sf
+
+    from ..data.audio import resample
+    from ..data.speech import synthesize
+
+    sp = synthesize(text)
+    if len(sp.samples) > max_seconds * sp.rate:
+        raise ClientError("too_large", f"that text makes {len(sp.samples) / sp.rate:.0f} s of speech; at most "
+                                       f"{max_seconds:.0f} s")
+    buf = io.BytesIO()
+    sf.write(buf, resample(sp.samples, sp.rate, rate), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def prepared_png(data: bytes, max_pixels: int, exif_rotate: bool, height: int, width: int, mode: str,
+                 image_filter: str) -> bytes:
+    """An uploaded portrait -> PNG of the reference a model of that size takes (its crop and resize)."""
+    from PIL import Image
+
+    from ..data.image import load_image, prepare_image, to_uint8
+
+    arr = prepare_image(load_image(data, max_pixels=max_pixels, exif_rotate=exif_rotate), height, width,
+                        mode=mode, min_side=min(height, width) // 2, name="the portrait", filter=image_filter)
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(np.asarray(arr))).save(buf, format="PNG")
+    return buf.getvalue()
