@@ -91,6 +91,10 @@ def test_spread_admission_metrics_and_a_dying_replica(cluster):
     assert msg["type"] == "error" and msg["code"] == "busy"  # the 2K+1-th session is refused
     extra.close()
     time.sleep(1.5)  # replicas report every second
+    import urllib.request
+
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30).read())
+    assert health["deployment"] == {"replicas": 2, "max_sessions": 2 * K, "sessions": 2 * K}
     active = _metric(port, "replica_sessions_active")
     assert sorted(active.values()) == [K, K] and _metric(port, "sessions_active") == {
         "avatarforcing_sessions_active": 2 * K}

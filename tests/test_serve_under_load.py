@@ -169,3 +169,30 @@ def test_a_fast_sender_is_rendered_at_most_max_speedup_times_real_time(avatar):
                 break
         elapsed = time.monotonic() - t0
     assert elapsed >= 2.0, elapsed  # 3 s of audio at most at real time: its last push waits for the clock
+
+
+def test_health_answers_under_a_flood_of_half_open_sockets(avatar):
+    """Sockets that connect and send nothing used to count towards uvicorn's limit_concurrency: about 90 of them
+    made every route, /healthz included, answer 503 until they were closed."""
+    import socket
+    import urllib.request
+
+    from avatarforcing.serve.http import server
+
+    limits = Limits()
+    port = free_port()
+    srv = server(create_app(avatar, limits), "127.0.0.1", port, limits, log_level="critical")
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    silent = []
+    try:
+        for _ in range(limits.max_sessions + limits.max_pending + 64 + 40):
+            silent.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(0.3)
+        r = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+    finally:
+        for s in silent:
+            s.close()
+        srv.should_exit = True

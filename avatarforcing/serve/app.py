@@ -83,8 +83,14 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
-        return JSONResponse({"status": "shutting_down" if admission.shutting_down else "ok",
-                             "sessions": admission.active, "max_sessions": limits.max_sessions})
+        health = {"status": "shutting_down" if admission.shutting_down else "ok",
+                  "sessions": admission.active, "max_sessions": limits.max_sessions}
+        if metrics_source is not None:  # a replicated deployment: its totals beside this replica's own
+            snaps = await metrics_source()
+            health["deployment"] = {"replicas": len(snaps), "max_sessions": len(snaps) * limits.max_sessions,
+                                    "sessions": int(sum(x["values"].get("sessions_active", 0)
+                                                        for x in snaps.values()))}
+        return JSONResponse(health)
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prom():

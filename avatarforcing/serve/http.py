@@ -3,7 +3,7 @@
 * h11 with a 16 KiB cap on a request's head (no 64 MiB headers), and a deadline for it: a connection that
   has not sent a complete request head ``header_timeout_s`` after connecting (or after its last response)
   is closed — a slow-loris client cannot hold a connection open;
-* at most ``limit_concurrency`` connections (503 beyond);
+* at most ``limit_concurrency`` connections that have sent a request (503 beyond; silent sockets do not count);
 * WebSocket messages capped near the stream's message limit at the protocol level (nothing larger is
   buffered), no per-message compression (no inflation bombs); pings every 20 s keep proxies from dropping
   the connection, but a late pong does not close a stream: behind a client's buffered audio a pong can be
@@ -33,8 +33,18 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:  # noqa: D102
         super().connection_made(transport)
+        # a connection counts towards limit_concurrency once it sends something: sockets that connect and stay
+        # silent (half-open, until the head deadline closes them) cannot make every route answer 503
+        self.connections.discard(self)
+        self._counted = False
         self._deadline: asyncio.TimerHandle | None = None
         self._arm()
+
+    def data_received(self, data: bytes) -> None:  # noqa: D102
+        if not self._counted:
+            self._counted = True
+            self.connections.add(self)
+        super().data_received(data)
 
     def _arm(self) -> None:
         self._disarm()

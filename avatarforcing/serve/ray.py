@@ -115,7 +115,9 @@ class AvatarReplica:
         self._reporter: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
-        app = self.server_app
+        from .http import HeaderLimit
+
+        app = HeaderLimit(self.server_app)  # Ray's proxy takes any head: the replica refuses large ones (431)
 
         async def asgi(scope, receive, send):  # start reporting from the replica's own event loop
             if self._reporter is None:
