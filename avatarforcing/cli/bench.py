@@ -28,6 +28,8 @@ def add(sub) -> None:
     b.add_argument("--sessions", default="1,2,4", help="bench serve: concurrent sessions to try, in turn")
     b.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds of audio per session")
     b.add_argument("--ray", action="store_true", help="bench serve: also the same sweep against serve --ray")
+    b.add_argument("--neighbours", action="store_true", help="bench serve: also one real-time stream alone and "
+                                                             "beside floods of /speak and /prepare")
     b.add_argument("--replicas", type=int, default=2, help="bench serve --ray: replicas")
     b.add_argument("--audio-model", help="bench audio-rows: a wav2vec2-base-960h folder")
     b.add_argument("--audio", help="bench audio-rows: a speech file")
@@ -78,5 +80,5 @@ def run(args) -> int:
         from ..serve.bench import bench_serve
 
         bench_serve(args.model, [int(x) for x in args.sessions.split(",")], args.seconds, args.json,
-                    ray_replicas=args.replicas if args.ray else None)
+                    ray_replicas=args.replicas if args.ray else None, neighbours=args.neighbours)
     return 0

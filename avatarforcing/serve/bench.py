@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+LATE_MS = 500.0  # a frame later than this after the audio it needed arrived (the server's late_ms)
+
 
 def _free_port() -> int:
     s = socket.socket()
@@ -51,7 +53,8 @@ def _client(url: str, seconds: float, out: dict) -> None:
         lat.append(1000 * (ta - sent_at[k]))
     dur = arrivals[-1][1] - arrivals[0][1] if len(arrivals) > 1 else float("nan")
     out.update(frames=len(arrivals), fps=(len(arrivals) - 1) / dur if dur == dur and dur > 0 else None,
-               latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p95=float(np.percentile(lat, 95)))
+               latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p95=float(np.percentile(lat, 95)),
+               frames_late=int(sum(x > LATE_MS for x in lat)))
 
 
 def _idle(port: int, timeout: float = 20.0) -> None:
@@ -89,8 +92,57 @@ def _sweep(port: int, sessions: list[int], seconds: float, label: str) -> list[d
     return results
 
 
+def _flood(port: int, stop: threading.Event, out: dict) -> None:
+    """Waves of 20 concurrent /speak and /prepare requests from one client until ``stop``."""
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (120, 90, 60)).save(buf, format="PNG")
+    image = buf.getvalue()
+    text = json.dumps({"text": "This is a rather long sentence that the server must turn into speech. " * 6})
+
+    def one(path: str, body: bytes, kind: str) -> None:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers={"content-type": kind})
+        try:
+            urllib.request.urlopen(req, timeout=30).read()
+            out["ok"] = out.get("ok", 0) + 1
+        except Exception:  # noqa: BLE001 - refusals (503) are what the gates do under a flood
+            out["refused"] = out.get("refused", 0) + 1
+
+    while not stop.is_set():
+        wave = [threading.Thread(target=one, args=("/speak", text.encode(), "application/json")) for _ in range(10)]
+        wave += [threading.Thread(target=one, args=("/prepare", image, "image/png")) for _ in range(10)]
+        for t in wave:
+            t.start()
+        for t in wave:
+            t.join()
+
+
+def _neighbours(port: int, seconds: float) -> list[dict]:
+    """One real-time stream alone, then beside floods of /speak and /prepare (the noisy neighbour rows)."""
+    rows = []
+    for label in ("alone", "beside /speak + /prepare floods"):
+        _idle(port)
+        out, flood, stop = {}, {}, threading.Event()
+        flooder = threading.Thread(target=_flood, args=(port, stop, flood)) if label != "alone" else None
+        if flooder:
+            flooder.start()
+            time.sleep(1.0)
+        _client(f"ws://127.0.0.1:{port}/ws", seconds, out)
+        stop.set()
+        if flooder:
+            flooder.join()
+        rows.append({"server": "single process", "neighbour": label, "seconds": seconds, **out,
+                     **({"flood_requests": flood} if flooder else {})})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: float = 10.0,
-                json_path: str | None = None, ray_replicas: int | None = None) -> list[dict]:
+                json_path: str | None = None, ray_replicas: int | None = None, neighbours: bool = False) -> list[dict]:
     """S real-time clients against ``avatarforcing serve`` started in its own process (its own GIL, as in
     production), for each S in ``sessions``; with ``ray_replicas``, the same sweep against ``serve --ray``
     with that many replicas (sessions per replica: enough for the largest S), in the same run."""
@@ -114,6 +166,8 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
                     raise RuntimeError(f"avatarforcing serve did not start (exit code {proc.poll()})") from None
                 time.sleep(0.2)
         results = _sweep(port, sessions, seconds, "single process")
+        if neighbours:
+            results += _neighbours(port, seconds)
     finally:
         proc.terminate()
         proc.wait(30)
