@@ -23,6 +23,7 @@ from ..api import MODES, Avatar, Options
 from ..checkpoints import atomic_write
 from ..data.corpus import make_clip, reference_frame
 from ..errors import InputError
+from . import stats
 from .metrics import CorpusFeatures, TorchScriptFeatures, evaluate_video, frechet_distance
 from .nets import EVAL_WEIGHTS, load_eval_nets
 from .syncnet_v2 import load_syncnet_v2
@@ -32,28 +33,25 @@ ABLATIONS = {f"no-{name}": Options.without(name) for name in Options.names()}  #
 VARIANTS = {"release-positions": {"stream.positions": "release"}}
 # "real": the held-out render itself, scored the same way (the ceiling of every metric); "codec": the render
 # through the model's VAE alone (the ceiling of any DiT that generates its latents)
-ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, *VARIANTS, "codec", "real"]
-SCALARS = ["lipsync_r", "viseme_acc", "sync_c", "sync_d", "lse_c", "lse_d", "loudness_r", "identity_drift_end",
+# "frozen": the reference portrait held still for the clip's length (a video no metric should prefer)
+ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, *VARIANTS, "codec", "real", "frozen"]
+SCALARS = ["lipsync_r", "viseme_acc", "viseme_majority", "sync_c", "sync_d", "lse_c", "lse_d", "loudness_r",
+           "identity_drift_end",
            "identity_drift_first_minute", "colour_drift_face_end", "colour_drift_background_end", "flicker_end",
            "fid", "fvd", "fps"]
 PER_CLIP = [k for k in SCALARS if k not in ("fid", "fvd", "fps")]  # means over clips, with bootstrap intervals
 
 
 def clip_summary(details: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
-    """Mean over clips of every per-clip score, and its 95% bootstrap interval (``ci95``: {score: [lo, hi]},
-    percentile bootstrap over clips, fixed seed)."""
-    out: dict = {}
-    ci: dict = {}
-    rng = np.random.default_rng(seed)
-    for k in PER_CLIP:
-        v = np.array([d[k] for d in details if k in d and d[k] == d[k]], dtype=float)
-        if not len(v):
-            continue
-        out[k] = float(v.mean())
-        means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(1)
-        ci[k] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-    out["ci95"] = ci
-    return out
+    """Mean over clips of every per-clip score, its 95% bootstrap interval and what was excluded (stats.py)."""
+    return stats.clip_summary(details, PER_CLIP, resamples, seed)
+
+
+BASELINE = "avatarforcing"  # paired differences are against this mode when it ran
+# how the tables name the scores: the corpus SyncNet's are not the published LSE-C / LSE-D (docs/evaluation.md)
+NAMES = {"lipsync_r": "lip-sync r", "viseme_acc": "viseme acc", "viseme_majority": "viseme majority",
+         "sync_c": "Sync-C*", "sync_d": "Sync-D*",
+         "lse_c": "LSE-C", "lse_d": "LSE-D", "loudness_r": "loudness r", "fid": "FID*", "fvd": "FVD*"}
 
 
 def _clip(args: tuple[int, int, float, int, tuple[str, ...]]) -> dict:
@@ -151,6 +149,8 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                 t0 = time.perf_counter()
                 if m == "real":
                     videos = [data[i]["real"] for i in idx]
+                elif m == "frozen":  # the portrait held still: what metrics that reward stillness give it
+                    videos = [np.repeat(data[i]["ref"][None], len(data[i]["real"]), 0) for i in idx]
                 elif m == "codec":
                     videos = [avatar.reconstruct(data[i]["real"]) for i in idx]
                 else:
@@ -198,7 +198,7 @@ def _result(model, clips, first, done, frames, seed, modes, batch, device, extra
     for m in modes:  # distribution distances against the real held-out renders of the same clips
         summary[m]["fid"] = frechet_distance(np.concatenate(acc["gen_f"][m]), real_f)
         summary[m]["fvd"] = frechet_distance(np.concatenate(acc["gen_c"][m]), real_c)
-        if m != "real":  # frames generated per second, all streams of a batch together
+        if m not in ("real", "frozen"):  # frames generated per second, all streams of a batch together
             summary[m]["fps"] = (done - first) * frames / acc["gen_s"][m]
     curves = {m: {k: np.mean([r["curves"][k] for r in rs], axis=0).tolist() for k in rs[0]["curves"]}
               for m, rs in per_mode.items()}
@@ -209,6 +209,7 @@ def _result(model, clips, first, done, frames, seed, modes, batch, device, extra
                                    "lipsync": "corpus-trained mouth reader",
                                    "identity": "corpus-trained IdentityNet"},
             "summary": summary, "curves_per_second": curves,
+            "paired": stats.paired(per_mode, BASELINE, PER_CLIP), "paired_baseline": BASELINE,
             "clips_detail": {m: [{k: v for k, v in r.items() if k != "curves"} for r in rs]
                              for m, rs in per_mode.items()}}
 
@@ -246,14 +247,16 @@ def merge_longform(parts: list[dict]) -> dict:
     out = {k: parts[0][k] for k in (*keys, "batch", "device", "feature_extractors")}
     out.update(clips=sum(n), first=0, clips_requested=sum(n), wall_s=sum(r["wall_s"] for r in parts),
                parts=[{"first": r.get("first", 0), "clips": r["clips"], "wall_s": r["wall_s"]} for r in parts],
-               summary=summary, curves_per_second=curves, clips_detail=detail)
+               summary=summary, curves_per_second=curves, clips_detail=detail,
+               paired=stats.paired(detail, BASELINE, PER_CLIP), paired_baseline=BASELINE)
     return out
 
 
 def markdown_table(result: dict) -> str:
-    """Means over clips with their 95% bootstrap interval where there is one ([lo, hi] under the mean)."""
+    """Means over clips with their 95% bootstrap interval where there is one ([lo, hi] after the mean), then
+    the paired differences against the baseline mode (the comparisons to draw conclusions from)."""
     cols = [c for c in SCALARS if any(c in s for s in result["summary"].values())]
-    lines = ["| mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| mode | " + " | ".join(NAMES.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m, s in result["summary"].items():
         cells = []
         for c in cols:
@@ -261,6 +264,16 @@ def markdown_table(result: dict) -> str:
             cell = f"{s.get(c, float('nan')):.3f}"
             cells.append(cell + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi and result["clips"] > 1 else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    excluded = {m: s["excluded"] for m, s in result["summary"].items() if s.get("excluded")}
+    if excluded:
+        lines += ["", "Excluded from the means: " + "; ".join(
+            f"{m}: {k} on {e['clips']} clip(s) ({e['why']})" for m, ex in excluded.items() for k, e in ex.items())]
+    if result.get("paired"):
+        lines += ["", f"Paired differences against `{result['paired_baseline']}` (same clips and seeds; mean "
+                      "[95% bootstrap interval over clips]; * where the interval excludes 0):", "",
+                  stats.paired_markdown(result["paired"], result["paired_baseline"], PER_CLIP, NAMES)]
+    lines += ["", "Sync-C* / Sync-D*: the corpus-trained SyncNet with unit-norm embeddings (distances 0-2), not "
+                  "comparable with published LSE-C / LSE-D; FID* / FVD*: corpus-trained extractors."]
     return "\n".join(lines)
 
 
