@@ -11,10 +11,7 @@
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +28,12 @@ from .data.audio import load_audio
 from .data.image import load_image, prepare_image, to_uint8
 from .errors import InputError
 from .model import AvatarDiT, fast
+from .session import Framing, Session, Stats  # noqa: F401 - the API's names
 from .stream.teacher import TeacherSampler
-from .stream.window import Options, Trace, WindowSampler
+from .stream.window import Options, WindowSampler
 
 MODES = ("avatarforcing", "ar", "teacher")
 PACKAGE_MODELS = Path(__file__).parent / "assets" / "models"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 COMPONENTS = "components.yaml"  # a model folder's references to encoders kept outside it
@@ -307,195 +300,6 @@ class Avatar:
         video = torch.cat(([first] if framing.release else []) + [decoder.decode(z) for z in latents], dim=2)
         # [N, 3, T, H, W] -> each stream's own length
         return [to_uint8(video[i].transpose(0, 1).float().cpu().numpy())[:totals[i]] for i in range(len(pcms))]
-
-
-@dataclass(frozen=True)
-class Framing:
-    """Which frames the video of some audio has (``stream.output``): "aligned", frame i shows audio frame i;
-    "release", frame 0 is the reference's reconstruction and the audio's frames follow (docs/design.md s5)."""
-
-    release: bool
-    samples_per_frame: int
-
-    @property
-    def lead(self) -> int:
-        """Frames before the audio's first frame."""
-        return 1 if self.release else 0
-
-    def total(self, samples: int) -> int:
-        """Frames of the video of ``samples`` samples of audio (a started frame counts)."""
-        return self.lead + -(-samples // self.samples_per_frame)
-
-
-STATS_KEPT = 1000  # step timings a session keeps (the latest): bounded, so a session can run for hours
-
-
-@dataclass
-class Stats:
-    steps: int = 0
-    dit_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_KEPT))  # the latest steps' timings
-    vae_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_KEPT))
-    first_frame_ms: float | None = None  # from the first audio pushed to the first frame out (compute)
-
-
-class Session:
-    """One stream: audio chunks in, frames out. Not thread-safe; one per client."""
-
-    def __init__(self, avatar: Avatar, reference: Tensor, seed: int, mode: str, options: Options,
-                 context: Tensor | None = None):
-        self.avatar, self.cfg = avatar, avatar.cfg
-        self.fe = avatar.front_end.streamer()  # this stream's own (a front end may cache per stream)
-        self.spf = self.cfg.codec.samples_per_frame
-        self.B = self.cfg.stream.block_frames
-        self.frames_per_block = self.B * self.cfg.codec.temporal_stride
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            ref_latent = avatar.vae.encode_image(reference)  # [1, C, 1, h, w]
-            self.decoder = avatar.vae.stream_decoder()
-            first = self.decoder.decode(ref_latent)  # primes the causal decoder with latent frame 0
-        # stream.output "release": that reconstruction of the reference is the video's frame 0
-        self.framing = avatar.framing
-        self._pending = [to_uint8(first[0].transpose(0, 1).float().cpu().numpy())] if self.framing.release else []
-        self.sampler = avatar.sampler(mode, ref_latent, [gen], options, context)
-        self.sampler.trace = Trace(keep=False)  # a session may run for hours: no per-step record
-        self.pcm = torch.zeros(0)
-        self.offset = 0  # absolute index of self.pcm[0]
-        self.received = 0  # samples pushed so far
-        self.blocks_in = 0
-        self.frames_out = 0
-        self.closed = False
-        self.stats = Stats()
-        self._t_first_audio: float | None = None
-        self._compute_s = 0.0
-
-    # ------------------------------------------------------------------ public
-
-    @property
-    def lookahead_ms(self) -> float:
-        """Algorithmic latency: audio a frame waits for (the window's future blocks + the front end's)."""
-        window = self.sampler.L if isinstance(self.sampler, WindowSampler) else self.sampler.chunk_blocks
-        return self.avatar.lookahead_ms(window)
-
-    def latency_budget(self) -> dict:
-        steps = list(self.stats.dit_ms)[-100:]
-        vae = list(self.stats.vae_ms)[-100:]
-        compute = float(np.median(steps) + (np.median(vae) if vae else 0)) if steps else None
-        return {"lookahead_ms": self.lookahead_ms, "compute_ms_per_step": compute,
-                "total_ms": self.lookahead_ms + (compute or 0.0)}
-
-    def push(self, pcm, sample_rate: int | None = None) -> list[np.ndarray]:
-        """Feed float32 mono PCM at the model's rate (16 kHz); returns the frames that became ready."""
-        if self.closed:
-            raise InputError("session is closed")
-        want = self.cfg.codec.sample_rate
-        if sample_rate is not None and sample_rate != want:
-            raise InputError(f"audio chunk at {sample_rate} Hz; this model takes {want} Hz mono "
-                             f"(resample with avatarforcing.data.audio.resample)")
-        x = check_pcm(pcm, "audio chunk")
-        if self._t_first_audio is None and len(x):
-            self._t_first_audio = time.perf_counter()
-            self._compute_s = 0.0
-        self.pcm = torch.cat([self.pcm, x])
-        self.received += len(x)
-        return self._run(final=False)
-
-    def close(self) -> list[np.ndarray]:
-        """Finish the stream: pad the last block with silence, drain the window, trim to the audio length."""
-        if self.closed:
-            return []
-        out = self._run(final=True)
-        t0 = time.perf_counter()
-        latents = self.sampler.drain()
-        self._account(t0)
-        out += self._decode(latents)
-        self.closed = True
-        return self._trim(out, self.framing.total(self.received))
-
-    def mute(self, start: int) -> None:
-        """Silence everything from sample ``start`` (a block boundary) that has not become frames yet (an
-        interrupt): the audio not read into rows yet becomes zeros, and the blocks still in the window are
-        conditioned on silence rows from their next pass on. History (anchors, KV buffer) is kept."""
-        i = max(start - self.offset, 0)
-        if i < len(self.pcm):
-            self.pcm[i:] = 0
-        first = start // (self.frames_per_block * self.spf)
-        rows = self._silence_rows()
-        for block in getattr(self.sampler, "window", ()):
-            if block.index >= first and block.audio is not None:
-                block.audio = rows.expand_as(block.audio)
-
-    def _silence_rows(self) -> Tensor:
-        """The audio rows of one block of silence, as a fresh stream of this front end hears it."""
-        if getattr(self, "_silence", None) is None:
-            fe = self.avatar.front_end.streamer()
-            n = self.frames_per_block * self.spf + fe.lookahead_samples + self.spf
-            rows = fe.features(torch.zeros(n), 0, self.frames_per_block, offset=0)
-            self._silence = rows.view(1, self.B, self.cfg.model.audio_pack, -1).to(self.avatar.device,
-                                                                                   self.avatar.dtype)
-        return self._silence
-
-    # ------------------------------------------------------------------ internals
-
-    def _trim(self, out: list[np.ndarray], total: int) -> list[np.ndarray]:
-        excess = self.frames_out - total
-        while excess > 0 and out:
-            drop = min(excess, len(out[-1]))
-            out[-1] = out[-1][: len(out[-1]) - drop]
-            excess -= drop
-            self.frames_out -= drop
-            if not len(out[-1]):
-                out.pop()
-        return out
-
-    def _run(self, final: bool) -> list[np.ndarray]:
-        out, self._pending = self._pending, []
-        self.frames_out += sum(len(f) for f in out)
-        fpb = self.frames_per_block
-        ready = self.fe.frames_ready(self.received)
-        total_frames = -(-self.received // self.spf)
-        while True:
-            a, b = self.blocks_in * fpb, (self.blocks_in + 1) * fpb
-            if not (b <= ready or (final and a < total_frames)):
-                break
-            t0 = time.perf_counter()
-            rows = self.fe.features(self.pcm, a, b, offset=self.offset)  # [fpb, D]
-            latents = self.avatar.push_block(self.sampler, rows[None])
-            self._account(t0)
-            self.blocks_in += 1
-            out += self._decode(latents)
-            self._trim_pcm()
-        return out
-
-    def _account(self, t0: float) -> None:
-        _sync(self.avatar.device)
-        dt = time.perf_counter() - t0
-        self.stats.dit_ms.append(1000 * dt)
-        self.stats.steps += 1
-        self._compute_s += dt
-
-    def _decode(self, latents: list[Tensor]) -> list[np.ndarray]:
-        out = []
-        for z in latents:
-            t0 = time.perf_counter()
-            frames = self.decoder.decode(z)  # [1, 3, T, H, W]
-            arr = to_uint8(frames[0].transpose(0, 1).float().cpu().numpy())
-            _sync(self.avatar.device)
-            dt = time.perf_counter() - t0
-            self.stats.vae_ms.append(1000 * dt)
-            self._compute_s += dt
-            if self.stats.first_frame_ms is None:
-                self.stats.first_frame_ms = 1000 * self._compute_s
-            out.append(arr)
-            self.frames_out += len(arr)
-        return out
-
-    def _trim_pcm(self) -> None:
-        """Keep only the samples future blocks can still need (bounded memory for endless streams)."""
-        keep_from = self.blocks_in * self.frames_per_block * self.spf - self.fe.left_context_samples
-        drop = keep_from - self.offset
-        if drop > 0:
-            self.pcm = self.pcm[drop:]
-            self.offset += drop
 
 
 __all__ = ["Avatar", "Session", "Options", "MODES"]
