@@ -97,3 +97,24 @@ def test_live_start_rejects_recording_and_bad_flags(server):
             ws.send(json.dumps(msg))
             reply = json.loads(ws.recv())
             assert reply["type"] == "error" and reply["code"] == code
+
+
+def test_live_speech_queued_ahead_of_the_clock_is_bounded():
+    import json
+
+    from fastapi.testclient import TestClient
+
+    app = create_app(Avatar.load("mini"), Limits(max_live_queue_seconds=2.0))
+    with TestClient(app) as c, c.websocket_connect("/ws") as ws:
+        from avatarforcing.serve.client import start_message
+
+        ws.send_text(start_message(identity="demo", live=True))
+        assert json.loads(ws.receive_text())["type"] == "ready"
+        pcm = speech(1.5)
+        ws.send_bytes(pcm.tobytes())
+        ws.send_bytes(pcm.tobytes())  # 3 s queued at once: over the limit
+        while True:
+            m = ws.receive()
+            if m.get("text") and json.loads(m["text"])["type"] == "error":
+                assert json.loads(m["text"])["code"] == "limit"
+                break

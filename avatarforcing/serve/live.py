@@ -58,6 +58,10 @@ class LiveStream(Stream):
             if msg.get("bytes") is not None:
                 pcm = decode_pcm(msg["bytes"], self.req.fmt)
                 self.received += len(pcm)
+                ahead = self.buffered + len(pcm) + (self.live.queued if self.live is not None else 0)
+                if ahead > self.limits.max_live_queue_seconds * self.codec.sample_rate:  # bounded memory
+                    raise ClientError("limit", f"more than {self.limits.max_live_queue_seconds:.0f} s of speech "
+                                               "queued ahead of the clock")
                 if self.received > self.limits.max_session_seconds * self.codec.sample_rate:
                     raise ClientError("limit", f"session exceeded {self.limits.max_session_seconds:.0f} s of audio")
                 self._buffer(len(pcm))

@@ -28,6 +28,7 @@ class Limits:
     idle_timeout_s: float = 30.0  # a session whose audio falls this far behind the wall clock is closed
     send_timeout_s: float = 10.0  # a client that stops reading for this long is closed (backpressure)
     max_buffered_seconds: float = 60.0  # audio read from the socket but not processed yet (then backpressure)
+    max_live_queue_seconds: float = 300.0  # live: speech queued ahead of the clock (beyond: 'limit')
     push_seconds: float = 1.0  # at most this much audio per model push, so frames flow while a backlog drains
     max_speedup: float = 4.0  # a stream is rendered at most this many times faster than real time
     max_image_pixels: int = 25_000_000  # checked from the image header, before decoding
