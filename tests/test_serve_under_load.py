@@ -196,3 +196,15 @@ def test_health_answers_under_a_flood_of_half_open_sockets(avatar):
         for s in silent:
             s.close()
         srv.should_exit = True
+
+
+def test_recordings_expire_without_a_request(avatar):
+    """They used to be deleted only when some request swept them."""
+    app = create_app(avatar, Limits(recording_ttl_s=0.4))
+    with TestClient(app):  # the app runs, and so does its expiry task
+        rec = app.state.recordings
+        token, path = rec.new_path()
+        path.write_bytes(b"mp4")
+        rec.add(token, path)
+        time.sleep(1.0)  # no request in between
+        assert not path.exists() and token not in rec.ready

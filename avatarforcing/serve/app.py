@@ -13,6 +13,7 @@ app under uvicorn with the limits a public server needs; ``ray.py`` replicates i
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from contextlib import asynccontextmanager
@@ -57,7 +58,9 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        expiring = asyncio.ensure_future(shared.recordings.expire_forever())
         yield
+        expiring.cancel()
         await notify_shutdown()
         shared.recordings.close()
         workers.close()
@@ -67,7 +70,7 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
     if limits.allow_hosts:
         app.add_middleware(HostAllowList, hosts=limits.allow_hosts)
     app.state.metrics, app.state.limits, app.state.avatar = metrics, limits, avatar
-    app.state.notify_shutdown = notify_shutdown
+    app.state.notify_shutdown, app.state.recordings = notify_shutdown, shared.recordings
 
     def snapshot() -> dict:
         """This process's metrics, with the gauges read from the live state."""

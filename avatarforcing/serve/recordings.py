@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import shutil
 import tempfile
@@ -45,6 +46,12 @@ class Recordings:
         """The MP4's bytes (a replicated deployment also looks in its shared store)."""
         path = self.get(token)
         return path.read_bytes() if path is not None and path.is_file() else None
+
+    async def expire_forever(self) -> None:
+        """Delete expired recordings as they expire, whether or not anyone asks for one."""
+        while True:
+            await asyncio.sleep(min(30.0, self.limits.recording_ttl_s / 2))
+            self.sweep()
 
     def close(self) -> None:
         if self.dir is not None:
