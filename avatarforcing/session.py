@@ -85,6 +85,7 @@ class Session:
         self.frames_out = 0
         self.closed = False
         self.stats = Stats()
+        self._silence: Tensor | None = None  # one block of silence's rows, made on the first interrupt
         self._t_first_audio: float | None = None
         self._compute_s = 0.0
 
@@ -146,7 +147,7 @@ class Session:
 
     def _silence_rows(self) -> Tensor:
         """The audio rows of one block of silence, as a fresh stream of this front end hears it."""
-        if getattr(self, "_silence", None) is None:
+        if self._silence is None:
             fe = self.avatar.front_end.streamer()
             n = self.frames_per_block * self.spf + fe.lookahead_samples + self.spf
             rows = fe.features(torch.zeros(n), 0, self.frames_per_block, offset=0)

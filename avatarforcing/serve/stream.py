@@ -18,6 +18,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 
 import numpy as np
 
@@ -41,7 +42,10 @@ class Stream:
         self.room = asyncio.Event()  # set while the queue has room (backpressure on the reader)
         self.room.set()
         self.received = self.buffered = self.sent = 0  # samples read, samples queued, frames sent
-        self.arrived: list[float] = []  # wall time at which audio up to each frame arrived
+        # wall time at which the audio of each frame arrived, from frame `arrived_at` on (older ones are dropped
+        # once used: bounded however long the stream)
+        self.arrived: deque[float] = deque()
+        self.arrived_at = 0
         self.session = None
         self.writer, self.token, self.path = None, None, None  # the recording, if asked for
         self.t_start = 0.0
@@ -121,7 +125,8 @@ class Stream:
             if self.received > limits.max_session_seconds * rate:
                 raise ClientError("limit", f"session exceeded {limits.max_session_seconds:.0f} s of audio")
             now = time.monotonic()
-            self.arrived.extend([now] * (self.received // self.codec.samples_per_frame - len(self.arrived)))
+            known = self.arrived_at + len(self.arrived)
+            self.arrived.extend([now] * (self.received // self.codec.samples_per_frame - known))
             self._buffer(len(pcm))
             self.queue.put_nowait(pcm)
             if self.buffered > limits.max_buffered_seconds * rate:
@@ -179,7 +184,11 @@ class Stream:
                 self.sent = n + 1
                 metrics.add("frames_total")
                 need = n + ahead
-                lat = 1000 * (time.monotonic() - self.arrived[need]) if need < len(self.arrived) else None
+                while self.arrived and self.arrived_at < need:  # frames before this one's need are done with
+                    self.arrived.popleft()
+                    self.arrived_at += 1
+                lat = 1000 * (time.monotonic() - self.arrived[0]) if self.arrived and self.arrived_at == need \
+                    else None
                 if lat is not None and lat > self.limits.late_ms:
                     metrics.add("frames_late_total")
                 if (n + 1) % c.fps == 0:
