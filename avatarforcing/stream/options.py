@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     """The paper's ablations, one switch each: the one table the CLI (``--no-<name>``) and the long-form
     evaluation (mode ``no-<name>``) read."""

@@ -24,15 +24,16 @@ class Passes:
     """The DiT calls of a window step for N streams (reference [N, C, 1, h, w]) and their KV buffer."""
 
     def __init__(self, model: AvatarDiT, reference: Tensor, n_temporal: int, num_train_timesteps: int,
-                 context: Tensor | None = None, options: Options | None = None):
+                 context: Tensor | None = None, options: Options | None = None, kv=None):
         self.model, self.reference, self.context = model, reference, context  # context: [N, Lt, text_dim]
         self.opt = options or Options()
         self.T = num_train_timesteps
         _, _, _, h, w = reference.shape
         mc = model.cfg
         tpf = (h // mc.patch_size[1]) * (w // mc.patch_size[2])
-        self.kv = KVBuffer(mc.num_layers, reference.shape[0], tpf, mc.num_heads, mc.head_dim, n_temporal,
-                           reference.device, reference.dtype)
+        # the streams' KV buffer (``batch.py`` passes a stack of several streams' buffers instead)
+        self.kv = kv or KVBuffer(mc.num_layers, reference.shape[0], tpf, mc.num_heads, mc.head_dim, n_temporal,
+                                 reference.device, reference.dtype)
         self.calls = 0  # DiT calls so far
 
     def call(self, x: Tensor, sig: Tensor, pos: Tensor, audio: Tensor | None, prefix, is_ref: bool = False,

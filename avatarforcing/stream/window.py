@@ -111,14 +111,30 @@ class WindowSampler:
 
         ``grad=True`` keeps the autograd graph of this step's window prediction (``last_x0``), for DMD.
         """
-        with torch.no_grad():
-            if not self.anchor_ready:
-                self._write_anchor(audio)
+        self.begin(audio)
+        with torch.set_grad_enabled(grad):
+            return self._step()
+
+    @torch.no_grad()
+    def begin(self, audio: Tensor | None) -> None:
+        """The first half of ``push``: the anchor pass if this is the first block, then the new noise block joins
+        the window (``batch.py`` steps the window of several samplers together after this)."""
+        if not self.anchor_ready:
+            self._write_anchor(audio)
         noise = self._noise(self.reference.shape[:2] + (self.B,) + self.reference.shape[3:])
         self.window.append(Block(self.next_index, noise, audio))
         self.next_index += 1
-        with torch.set_grad_enabled(grad):
-            return self._step()
+
+    def signature(self) -> tuple:
+        """What this step's DiT calls depend on besides the tensors: samplers with equal signatures can be
+        stepped as one batch (``batch.py``). Under ``reindexed`` every steady-state window has the same one. (The
+        clean pass's positions may differ within a batch: ``batch.py`` splits that pass by them.)"""
+        levels = tuple(self._level(b) for b in self.window)
+        audio = tuple(b.audio is None for b in self.window)
+        ctx = None if self.context is None else tuple(self.context.shape[1:])
+        return (id(self.model), self.L, tuple(self.sigmas), self.passes, self.opt, self.scheme, levels,
+                self._layout(clean=False), self.kv.temporal_frames,
+                audio, ctx, tuple(self.reference.shape[1:]), self.reference.dtype, self.reference.device)
 
     @torch.no_grad()
     def drain(self) -> list[Tensor]:
@@ -179,12 +195,8 @@ class WindowSampler:
             emitted.append(x0_blocks[0])
             self.trace.emitted.append(done.index)
             if self.cfg.stream.clean_cache_pass:
-                clean = self._layout(clean=True)
-                self.trace.layouts.append(("clean", done.index, clean))
-                if clean != layout:
-                    prefix = self.dit.prefix(clean)
                 with torch.no_grad():
-                    self.dit.clean(x0_blocks[0], done.audio, clean, prefix)
+                    self._clean_pass(x0_blocks[0], done.audio, layout, prefix)
             x0_blocks = x0_blocks[1:]
         for b, x0b in zip(blocks, x0_blocks):
             b.age += 1
@@ -192,6 +204,14 @@ class WindowSampler:
         self.window = blocks
         self.trace.model_calls = self.dit.calls
         return emitted
+
+    def _clean_pass(self, x0: Tensor, audio: Tensor | None, layout: Layout, prefix) -> None:
+        """The emitted block (the window's oldest, still in ``self.window``) at t = 0 into the KV buffer."""
+        clean = self._layout(clean=True)
+        self.trace.layouts.append(("clean", self.window[0].index, clean))
+        if clean != layout:
+            prefix = self.dit.prefix(clean)
+        self.dit.clean(x0, audio, clean, prefix)
 
     def _sub_sigma(self, level: int, p: int) -> float:
         hi = self.sigmas[level]
