@@ -205,11 +205,16 @@ class Avatar:
     def framing(self) -> Framing:
         return Framing(self.cfg.stream.output == "release", self.cfg.codec.samples_per_frame)
 
-    def push_block(self, sampler, rows: Tensor) -> list[Tensor]:
-        """One block of audio rows [N, frames of a block, D] into the sampler (the block pump's one step):
-        packed per latent frame, on the model's device and dtype; returns the latent blocks it emitted."""
+    def pack_block(self, rows: Tensor) -> Tensor:
+        """One block of audio rows [N, frames of a block, D] as the sampler takes them: [N, B, pack, D] per latent
+        frame, on the model's device and dtype."""
         B, pack = self.cfg.stream.block_frames, self.cfg.model.audio_pack
-        return sampler.push(rows.reshape(rows.shape[0], B, pack, -1).to(self.device, self.dtype))
+        return rows.reshape(rows.shape[0], B, pack, -1).to(self.device, self.dtype)
+
+    def push_block(self, sampler, rows: Tensor) -> list[Tensor]:
+        """One block of audio rows [N, frames of a block, D] into the sampler (the block pump's one step); returns
+        the latent blocks it emitted."""
+        return sampler.push(self.pack_block(rows))
 
     def stream(self, image, audio, seed: int = 0, mode: str = "avatarforcing", options: Options | None = None,
                chunk: int = 16000, prompt: str | None = None, prompt_embeds=None) -> Iterator[np.ndarray]:

@@ -147,29 +147,35 @@ class LiveSession:
     def tick(self, now_s: float) -> list[LiveFrame]:
         """Advance the media clock to ``now_s`` (seconds since the session started): commit every block that
         is due, return the frames that became ready."""
-        out: list[LiveFrame] = []
+        self.advance(now_s)
+        return self.emit(self.session.run())
+
+    def advance(self, now_s: float) -> int:
+        """The clock's half of ``tick``: commit every block due at ``now_s`` into the session without computing
+        (an ``engine.Engine`` steps many sessions' blocks together); returns how many were committed."""
+        n = 0
         while True:
             start = self.blocks * self.block_s
             if now_s < start:
                 break
             open_seg = self.segments and not self.segments[-1].ended
             if self.queued >= self.block or (not open_seg) or now_s >= start + self.grace_s:
-                out += self._commit()
+                self._commit()
+                n += 1
             else:
                 break  # an open segment may still fill this block: wait, at most until the grace ends
-        return out
+        return n
 
     def close(self) -> list[LiveFrame]:
         """End the stream: what is committed comes out (the window drains)."""
-        frames = self.session.close()
-        return self._frames(frames)
+        return self.emit(self.session.close())
 
     # ------------------------------------------------------------------ internals
 
     def _frame_sample(self, frame: int) -> int:
         return max(frame - self.lead, 0) * self.spf
 
-    def _commit(self) -> list[LiveFrame]:
+    def _commit(self) -> None:
         """Commit one block: queued speech first, silence for the rest."""
         block = np.zeros(self.block, np.float32)
         is_speech = np.zeros(self.block, bool)
@@ -194,14 +200,15 @@ class LiveSession:
         self.blocks += 1
         self.timeline = np.concatenate([self.timeline, block])
         self.speech = np.concatenate([self.speech, is_speech])
-        return self._frames(self.session.push(block))
+        self.session.feed(block)
 
     def _close_segments(self) -> None:
         for seg in self.segments:
             if seg.ended and seg.queued == 0 and seg.end is None and seg.last is not None:
                 seg.end = seg.last
 
-    def _frames(self, batches: list[np.ndarray]) -> list[LiveFrame]:
+    def emit(self, batches: list[np.ndarray]) -> list[LiveFrame]:
+        """The session's frames (in order, as it made them) with their index, pts, PCM and state."""
         out = []
         for frames in batches:
             for image in frames:

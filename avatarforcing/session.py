@@ -106,6 +106,11 @@ class Session:
 
     def push(self, pcm, sample_rate: int | None = None) -> list[np.ndarray]:
         """Feed float32 mono PCM at the model's rate (16 kHz); returns the frames that became ready."""
+        self.feed(pcm, sample_rate)
+        return self.run()
+
+    def feed(self, pcm, sample_rate: int | None = None) -> None:
+        """Queue PCM without computing: ``run`` (or an ``engine.Engine`` stepping many sessions) makes frames."""
         if self.closed:
             raise InputError("session is closed")
         want = self.cfg.codec.sample_rate
@@ -118,17 +123,45 @@ class Session:
             self._compute_s = 0.0
         self.pcm = torch.cat([self.pcm, x])
         self.received += len(x)
-        return self._run(final=False)
+
+    def run(self, final: bool = False) -> list[np.ndarray]:
+        """Every block whose audio (and look-ahead) has arrived through the model, alone; the frames made."""
+        out = self.take_pending()
+        while (rows := self.next_block(final)) is not None:
+            t0 = time.perf_counter()
+            latents = self.sampler.push(rows)
+            self.account(self._elapsed(t0))
+            out += self.decode(latents)
+        return out
+
+    def next_block(self, final: bool = False) -> Tensor | None:
+        """The audio rows of the next block, packed for the sampler [1, B, pack, dim], once its audio and the
+        front end's look-ahead have arrived (``final``: the audio is complete, pad with silence); else None."""
+        fpb = self.frames_per_block
+        a, b = self.blocks_in * fpb, (self.blocks_in + 1) * fpb
+        total_frames = -(-self.received // self.spf)
+        if not (b <= self.fe.frames_ready(self.received) or (final and a < total_frames)):
+            return None
+        rows = self.fe.features(self.pcm, a, b, offset=self.offset)  # [fpb, D]
+        self.blocks_in += 1
+        self._trim_pcm()
+        return self.avatar.pack_block(rows[None])
+
+    def take_pending(self) -> list[np.ndarray]:
+        """Frames made before any block (the release framing's frame 0), once."""
+        out, self._pending = self._pending, []
+        self.frames_out += sum(len(f) for f in out)
+        return out
 
     def close(self) -> list[np.ndarray]:
         """Finish the stream: pad the last block with silence, drain the window, trim to the audio length."""
         if self.closed:
             return []
-        out = self._run(final=True)
+        out = self.run(final=True)
         t0 = time.perf_counter()
         latents = self.sampler.drain()
-        self._account(t0)
-        out += self._decode(latents)
+        self.account(self._elapsed(t0))
+        out += self.decode(latents)
         self.closed = True
         return self._trim(out, self.framing.total(self.received))
 
@@ -168,33 +201,18 @@ class Session:
                 out.pop()
         return out
 
-    def _run(self, final: bool) -> list[np.ndarray]:
-        out, self._pending = self._pending, []
-        self.frames_out += sum(len(f) for f in out)
-        fpb = self.frames_per_block
-        ready = self.fe.frames_ready(self.received)
-        total_frames = -(-self.received // self.spf)
-        while True:
-            a, b = self.blocks_in * fpb, (self.blocks_in + 1) * fpb
-            if not (b <= ready or (final and a < total_frames)):
-                break
-            t0 = time.perf_counter()
-            rows = self.fe.features(self.pcm, a, b, offset=self.offset)  # [fpb, D]
-            latents = self.avatar.push_block(self.sampler, rows[None])
-            self._account(t0)
-            self.blocks_in += 1
-            out += self._decode(latents)
-            self._trim_pcm()
-        return out
-
-    def _account(self, t0: float) -> None:
+    def _elapsed(self, t0: float) -> float:
         _sync(self.avatar.device)
-        dt = time.perf_counter() - t0
-        self.stats.dit_ms.append(1000 * dt)
-        self.stats.steps += 1
-        self._compute_s += dt
+        return time.perf_counter() - t0
 
-    def _decode(self, latents: list[Tensor]) -> list[np.ndarray]:
+    def account(self, seconds: float) -> None:
+        """One model step of this session took ``seconds`` (in a batch: the batch's step)."""
+        self.stats.dit_ms.append(1000 * seconds)
+        self.stats.steps += 1
+        self._compute_s += seconds
+
+    def decode(self, latents: list[Tensor]) -> list[np.ndarray]:
+        """Emitted latent blocks -> frames through this session's streaming decoder."""
         out = []
         for z in latents:
             t0 = time.perf_counter()

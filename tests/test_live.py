@@ -157,17 +157,23 @@ def test_a_live_session_holds_constant_memory(tiny):
 
 
 class _FakeSession:
-    """The engine's Session contract as LiveSession uses it (push a block -> that block's frames, delayed by a
-    look-ahead; mute; close), with no model: an hour of the live session's own bookkeeping runs in seconds."""
+    """The engine's Session contract as LiveSession uses it (feed blocks; run -> their frames, delayed by a
+    look-ahead of one block; mute; close), with no model: an hour of the live session's own bookkeeping runs in
+    seconds."""
 
     lookahead_ms = 160.0
 
     def __init__(self):
-        self.blocks, self.frame = [], np.zeros((4, 8, 8, 3), np.uint8)
+        self.fed, self.done, self.frame = 0, 0, np.zeros((4, 8, 8, 3), np.uint8)
 
-    def push(self, pcm):
-        self.blocks.append(len(pcm))
-        return [self.frame] if len(self.blocks) > 1 else []
+    def feed(self, pcm):
+        self.fed += 1
+
+    def run(self):
+        ready = max(self.fed - 1, 0)
+        out = [self.frame] * (ready - self.done)
+        self.done = ready
+        return out
 
     def close(self):
         return [self.frame]

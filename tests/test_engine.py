@@ -1,0 +1,97 @@
+"""Many live sessions stepped by one engine (avatarforcing/engine.py): each session's frames and PCM are what it
+makes alone, whoever joins or leaves; one model step per tick for all of them."""
+
+import numpy as np
+import pytest
+
+from avatarforcing.api import Avatar
+from avatarforcing.engine import Engine
+
+from .conftest import speech, tiny_cfg
+
+BLOCK_S = 4 / 25
+TICK_S = 0.04
+
+
+def _image(seed):
+    return (np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8)
+
+
+# session i: joins at tick `join` (on the block grid), leaves at tick `leave`; speech pushed at tick `say`,
+# interrupted at tick `cut` (or never)
+PLAN = [dict(join=0, leave=100, say=10, cut=None), dict(join=8, leave=90, say=20, cut=40),
+        dict(join=24, leave=110, say=30, cut=None), dict(join=44, leave=80, say=50, cut=70)]
+
+
+def _script(live, i, tick, utterances):
+    p = PLAN[i]
+    if tick == p["say"]:
+        live.push(utterances[i])
+        live.end_segment()
+    if tick == p["cut"]:
+        live.interrupt()
+
+
+def _drive(avatar, batched: bool):
+    utterances = [speech(1.0 + 0.3 * i) * (0.5 + 0.2 * i) for i in range(len(PLAN))]
+    engine = Engine(batch=True)
+    lives, frames = {}, [[] for _ in PLAN]
+    steady = None
+    for tick in range(max(p["leave"] for p in PLAN)):
+        for i, p in enumerate(PLAN):
+            if tick == p["join"]:
+                lives[i] = avatar.live(_image(i), seed=10 + i)
+            if i in lives:
+                _script(lives[i], i, tick, utterances)
+        now = {i: (tick + 1 - PLAN[i]["join"]) * TICK_S for i in lives}
+        if batched:
+            ids = sorted(lives)
+            for i, out in zip(ids, engine.tick([lives[i] for i in ids], [now[i] for i in ids])):
+                frames[i] += out
+        else:
+            for i in sorted(lives):
+                frames[i] += lives[i].tick(now[i])
+        if tick == 70:
+            steady = (engine.rounds, engine.blocks)
+        for i, p in enumerate(PLAN):
+            if tick == p["leave"] - 1:
+                frames[i] += lives.pop(i).close()
+    return frames, engine, steady
+
+
+@pytest.mark.parametrize("scheme", ["reindexed", "release"])
+def test_live_sessions_in_one_engine_equal_each_alone(scheme):
+    avatar = Avatar.random(tiny_cfg(positions=scheme))
+    alone, _, _ = _drive(avatar, batched=False)
+    together, engine, steady = _drive(avatar, batched=True)
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert len(a) == len(b) > 0
+        assert [f.index for f in b] == list(range(len(b)))
+        for fa, fb in zip(a, b):
+            assert fa.pts == fb.pts and fa.speaking == fb.speaking
+            np.testing.assert_array_equal(fa.pcm, fb.pcm)
+            assert np.abs(fa.image.astype(int) - fb.image.astype(int)).max() <= 1
+        assert any(f.speaking for f in b)
+    # between ticks 44 and 80 all four run, joined on the block grid: their blocks are due on the same ticks,
+    # so the engine ran one batched step per due tick for all four
+    rounds, blocks = steady
+    assert engine.blocks > engine.rounds
+    assert max(engine.batch_sizes) == 4
+
+
+def test_engine_rounds_during_the_steady_phase_carry_every_session():
+    avatar = Avatar.random(tiny_cfg())
+    engine = Engine()
+    lives = [avatar.live(_image(i), seed=i) for i in range(3)]
+    t = 0.0
+    for _ in range(30):
+        t += TICK_S
+        engine.tick(lives, [t] * 3)
+    r0, b0 = engine.rounds, engine.blocks
+    for _ in range(20):  # 20 ticks = 5 blocks each
+        t += TICK_S
+        engine.tick(lives, [t] * 3)
+    assert engine.rounds - r0 == 5 and engine.blocks - b0 == 15
+    unbatched = Engine(batch=False)
+    unbatched.tick(lives, [t + BLOCK_S] * 3)
+    assert unbatched.rounds == unbatched.blocks == 3
