@@ -78,7 +78,7 @@ def test_a_stream_in_a_batch_equals_the_stream_alone(scheme):
         outs = push_together([samplers[i] for i in active], [streams[i][3][tick - PLAN[i][0]] for i in active])
         for i, out in zip(active, outs):
             together[i] += out
-        for i, (join, leave) in enumerate(PLAN):
+        for i, (_, leave) in enumerate(PLAN):
             if tick == leave - 1:
                 together[i] += samplers[i].drain()
     for i, (a, b) in enumerate(zip(alone, together)):

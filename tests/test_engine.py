@@ -64,7 +64,7 @@ def test_live_sessions_in_one_engine_equal_each_alone(scheme):
     avatar = Avatar.random(tiny_cfg(positions=scheme))
     alone, _, _ = _drive(avatar, batched=False)
     together, engine, steady = _drive(avatar, batched=True)
-    for i, (a, b) in enumerate(zip(alone, together)):
+    for a, b in zip(alone, together):
         assert len(a) == len(b) > 0
         assert [f.index for f in b] == list(range(len(b)))
         for fa, fb in zip(a, b):

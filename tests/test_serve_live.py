@@ -118,3 +118,40 @@ def test_live_speech_queued_ahead_of_the_clock_is_bounded():
             if m.get("text") and json.loads(m["text"])["type"] == "error":
                 assert json.loads(m["text"])["code"] == "limit"
                 break
+
+
+def _metric(text, name):
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(f"avatarforcing_{name} ")))
+
+
+def test_the_server_steps_its_live_sessions_together(server):
+    """Three live sessions, one model step per due block for all three (batch size in /metrics)."""
+    import urllib.request
+
+    url = server.replace("ws://", "http://").replace("/ws", "/metrics")
+
+    def metrics():
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    clients = [LiveClient(server, identity=name, seed=i).__enter__() for i, name in enumerate(("demo", "ada", "bo"))]
+    try:
+        for c in clients:
+            c.send(speech(3.0) + 0.01)  # speaking and listening sessions batch alike
+        time.sleep(1.0)
+        before = metrics()
+        got = [0] * 3
+        t_end = time.monotonic() + 3.0
+        while time.monotonic() < t_end:
+            time.sleep(0.05)
+            for i, c in enumerate(clients):
+                while (item := c.receive(timeout=0)) is not None:
+                    got[i] += isinstance(item, LiveFrame)
+        after = metrics()
+    finally:
+        for c in clients:
+            c.__exit__(None, None, None)
+    steps = _metric(after, "engine_steps_total") - _metric(before, "engine_steps_total")
+    blocks = _metric(after, "engine_blocks_total") - _metric(before, "engine_blocks_total")
+    assert steps > 0 and blocks / steps >= 2.5, (blocks, steps)  # 3 sessions, (nearly) every step carries all
+    assert _metric(after, "engine_batch_size") == 3
+    assert min(got) > 25, got  # each keeps receiving frames

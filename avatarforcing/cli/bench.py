@@ -30,6 +30,9 @@ def add(sub) -> None:
     b.add_argument("--ray", action="store_true", help="bench serve: also the same sweep against serve --ray")
     b.add_argument("--neighbours", action="store_true", help="bench serve: also one real-time stream alone and "
                                                              "beside floods of /speak and /prepare")
+    b.add_argument("--live", action="store_true", help="bench serve: K live sessions per --sessions, batched and "
+                                                       "unbatched; realtime_sessions per mode")
+    b.add_argument("--engine", help="bench serve --live: the server's engine variant (e.g. compiled)")
     b.add_argument("--replicas", type=int, default=2, help="bench serve --ray: replicas")
     b.add_argument("--audio-model", help="bench audio-rows: a wav2vec2-base-960h folder")
     b.add_argument("--audio", help="bench audio-rows: a speech file")
@@ -76,6 +79,11 @@ def run(args) -> int:
             raise AvatarForcingError("bench audio-rows needs --audio-model (a wav2vec2-base-960h folder) and --audio")
         audio_rows_main(args.audio_model, args.audio, [int(x) for x in args.left.split(",")],
                         [int(x) for x in args.lookahead.split(",")], json_path=args.json)
+    elif args.live:
+        from ..serve.bench_live import bench_live_serve
+
+        bench_live_serve(args.model, [int(x) for x in args.sessions.split(",")], args.seconds, args.dtype,
+                         args.engine, args.device, args.json)
     else:
         from ..serve.bench import bench_serve
 

@@ -18,8 +18,11 @@ def add(sub) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-sessions", type=int, metavar="K",
                    help=f"session slots of the server (default {SESSIONS}); under --ray: of each replica (default "
-                        f"{SESSIONS_PER_REPLICA})")
+                        f"{SESSIONS_PER_REPLICA}); the largest batch of one model step")
     v.add_argument("--device", default="cpu")
+    v.add_argument("--no-batch", dest="batch", action="store_false",
+                   help="step every session alone (the unbatched baseline); by default the sessions' due blocks "
+                        "share one model step")
     v.add_argument("--allow-origin", action="append", help="a web origin (https://example.org) whose pages may "
                                                            "open streams, besides this server's own page; '*': any")
     v.add_argument("--session-limit", type=float, default=Limits.max_session_seconds, metavar="SECONDS",
@@ -69,7 +72,7 @@ def spec(args) -> ServingSpec:
     if args.session_limit <= 0:
         raise AvatarForcingError(f"--session-limit {args.session_limit}: need a positive number of seconds")
     limits = Limits(max_sessions=sessions, allow_origins=tuple(args.allow_origin or ()), docs=args.docs,
-                    max_session_seconds=args.session_limit, allow_hosts=allowed_hosts(args))
+                    max_session_seconds=args.session_limit, allow_hosts=allowed_hosts(args), batch=args.batch)
     return ServingSpec(model=args.model, device=args.device, dtype=args.dtype, engine=args.engine,
                        host=args.host, port=args.port, limits=limits, ray=ray, **prompt(args))
 

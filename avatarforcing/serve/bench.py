@@ -57,6 +57,28 @@ def _client(url: str, seconds: float, out: dict) -> None:
                frames_late=int(sum(x > LATE_MS for x in lat)))
 
 
+def start_server(model: str, port: int, flags: list[str], timeout: float = 300.0):
+    """``avatarforcing serve`` in its own process (its own GIL, as in production), once /healthz answers."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "avatarforcing.cli", "serve", "--model", model, "--port",
+                             str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=os.environ.copy())
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"avatarforcing serve did not start (exit code {proc.poll()})") from None
+            time.sleep(0.2)
+
+
 def _idle(port: int, timeout: float = 20.0) -> None:
     """Wait until the previous sweep's sessions have closed on the server side."""
     import urllib.request
@@ -146,25 +168,9 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
     """S real-time clients against ``avatarforcing serve`` started in its own process (its own GIL, as in
     production), for each S in ``sessions``; with ``ray_replicas``, the same sweep against ``serve --ray``
     with that many replicas (sessions per replica: enough for the largest S), in the same run."""
-    import os
-    import subprocess
-    import sys
-    import urllib.request
-
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "avatarforcing.cli", "serve", "--model", model, "--port",
-                             str(port), "--max-sessions", str(max(sessions))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    proc = start_server(model, port, ["--max-sessions", str(max(sessions))])
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"avatarforcing serve did not start (exit code {proc.poll()})") from None
-                time.sleep(0.2)
         results = _sweep(port, sessions, seconds, "single process")
         if neighbours:
             results += _neighbours(port, seconds)

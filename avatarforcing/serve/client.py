@@ -6,6 +6,7 @@ import base64
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,7 @@ class LiveFrame:
     pts: float  # presentation time on the session's media clock, seconds
     pcm: np.ndarray  # float32: the audio this frame shows; play it with the frame
     jpeg: bytes
+    received_at: float = 0.0  # time.monotonic() when it came off the socket
 
     def image(self) -> np.ndarray:
         return Frame(self.index, self.pts, self.jpeg).image()
@@ -198,7 +200,7 @@ class LiveClient:
             while True:
                 msg = self.ws.recv()
                 if isinstance(msg, bytes):
-                    self.items.put(LiveFrame(*parse_live_frame(msg)))
+                    self.items.put(LiveFrame(*parse_live_frame(msg), received_at=time.monotonic()))
                 else:
                     self.items.put(json.loads(msg))
         except ConnectionClosed:

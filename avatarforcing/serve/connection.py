@@ -1,5 +1,6 @@
 """``Connection``: a WebSocket with the server's bounds on every receive, send and close; ``Shared``: what
-every stream of one serving process shares (the model, limits, metrics, admission, open streams, recordings).
+every stream of one serving process shares (the model and its scheduler, limits, metrics, admission, open streams,
+recordings).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 
 from .admission import Admission, Pool
+from .engine import Scheduler
 from .metrics import Metrics
 from .protocol import ClientError, close_code, error_message
 from .recordings import Recordings
@@ -32,6 +34,7 @@ class Shared:
         self.admission = Admission(self.limits.max_sessions, self.limits.max_pending,
                                    self.limits.max_pending_per_client)
         self.recordings = self.recordings or Recordings(self.limits)
+        self.scheduler = Scheduler(self.avatar, self.limits, self.metrics)  # the model's compute, batched
 
 
 class Connection:

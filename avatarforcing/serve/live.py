@@ -1,10 +1,11 @@
 """One live stream (``"live": true`` in 'start', protocol 2): an always-on avatar paced by the server's clock.
 
     read : socket -> inbox of operations (push PCM, segment_end, interrupt, end); never waits for the model
-    run  : every tick_s: apply the inbox, LiveSession.tick(wall clock since 'ready') in a worker thread,
-           send each frame (index, pts, its PCM, JPEG), 'state' on speaking <-> listening, 'playback_finished'
-           per segment, 'stats' every fps frames
-    end  : the window drains, 'done', close 1000
+    run  : attached to the scheduler (engine.py), which every tick applies the inbox, advances the session's
+           clock (started on the scheduler's block grid) and steps the due blocks of every live session in one
+           batch; this stream sends what lands in its outbox: each frame (index, pts, its PCM, JPEG), 'state' on
+           speaking <-> listening, 'playback_finished' per segment, 'stats' every fps frames
+    end  : detached, the window drains (in the scheduler thread), 'done', close 1000
 
 A live session is not idle while its client is connected (silence is what it renders); it ends on 'end', a
 disconnect, an error or the wall-clock limit (``max_session_seconds``). When compute falls behind the clock
@@ -27,8 +28,6 @@ from .connection import Connection, Shared
 from .protocol import PROTOCOL, ClientError, StartRequest, decode_pcm, live_frame_message, parse_control
 from .stream import Stream
 
-TICK_S = 0.04  # the pacing loop's period (one video frame at 25 fps)
-
 
 class LiveStream(Stream):
     """A Stream whose pump is the media clock, not the client's audio."""
@@ -40,6 +39,7 @@ class LiveStream(Stream):
         self.ended = asyncio.Event()
         self.state = "listening"
         self.late = 0
+        self.outbox: asyncio.Queue = asyncio.Queue()  # what the scheduler made for this stream, tick by tick
 
     async def open(self) -> None:
         avatar, req, loop = self.shared.avatar, self.req, asyncio.get_running_loop()
@@ -73,28 +73,27 @@ class LiveStream(Stream):
                 self.ended.set()
                 return
 
-    def _apply_and_tick(self, now_s: float) -> tuple[list, list, int]:
-        """In the worker thread: the client's operations in order, then the clock. Returns (frames, events,
-        samples taken from the inbox)."""
+    def advance(self, live, now: float) -> int:
+        """In the scheduler thread: the client's operations in order, then the clock of ``live`` (this stream's
+        session when it was attached) to ``now`` (monotonic). Returns the samples taken from the inbox."""
         taken = 0
         while self.inbox:
             kind, pcm = self.inbox.popleft()
             if kind == "push":
-                self.live.push(pcm)
+                live.push(pcm)
                 taken += len(pcm)
             elif kind == "segment_end":
-                self.live.end_segment()
+                live.end_segment()
             elif kind == "interrupt":
-                self.live.interrupt()
-        frames = self.live.tick(now_s)
-        return frames, self.live.events(), taken
+                live.interrupt()
+        live.advance(now - self.t_start)
+        return taken
 
     def _buffer(self, n: int) -> None:
         self.buffered += n
         self.shared.pool.queued += n
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         await self.open()
         c = self.codec
         block_ms = 1000 * self.live.block_s
@@ -103,18 +102,28 @@ class LiveStream(Stream):
             "lookahead_ms": self.live.lookahead_ms, "block_ms": block_ms, "grace_ms": 1000 * self.live.grace_s,
             "sample_rate": c.sample_rate, "frame_header": "<IdI", **({"replica": self.shared.replica}
                                                                        if self.shared.replica else {})}))
-        self.t_start = time.monotonic()
+        scheduler = self.shared.scheduler
+        self.t_start = scheduler.start_time()  # on the block grid: its blocks fall due with the others'
         due_after = (self.live.lookahead_ms + block_ms + self.limits.late_ms) / 1000
         read_task = asyncio.ensure_future(self.read())
         self.tasks.append(read_task)
+        scheduler.attach(self)
         try:
             while True:
                 if read_task.done():
                     if read_task.cancelled():
-                        return
-                    read_task.result()  # the reader failed: raise its error
-                now = time.monotonic() - self.t_start
-                frames, events, taken = await loop.run_in_executor(None, self._apply_and_tick, now)
+                        return  # the server closed this stream (shutdown)
+                    read_task.result()  # the reader failed: raise its error ('end': the outbox follows)
+                out = asyncio.ensure_future(self.outbox.get())
+                waits = {out} if read_task.done() else {out, read_task}
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if out not in done:
+                    out.cancel()
+                    continue
+                result = out.result()
+                if isinstance(result, Exception):
+                    raise result
+                frames, events, taken = result
                 self._buffer(-taken)
                 for f in frames:
                     await self._send_frame(f, due_after)
@@ -123,11 +132,12 @@ class LiveStream(Stream):
                                                      "position_s": round(e.position_s, 6),
                                                      "interrupted": e.interrupted}))
                 if self.ended.is_set() and not self.inbox:
-                    for f in await loop.run_in_executor(None, self.live.close):
+                    scheduler.detach(self)
+                    for f in await scheduler.call(self.live.close):
                         await self._send_frame(f, due_after)
                     return await self.finish()
-                await asyncio.sleep(max(0.0, TICK_S - (time.monotonic() - self.t_start - now)))
         finally:
+            scheduler.detach(self)
             read_task.cancel()
             self.tasks.clear()
             self.session = self.live = None

@@ -20,7 +20,11 @@ class Metrics:
         "frames_late_total": ("counter", "Frames sent more than late_ms after the audio they needed arrived "
                                          "(beyond the look-ahead)."),
         "queue_seconds": ("gauge", "Audio received and not yet processed, seconds, over all streams."),
-        "steps_per_second": ("gauge", "Model pushes per second over the last 10 s."),
+        "steps_per_second": ("gauge", "Batched model steps per second over the last 10 s."),
+        "engine_steps_total": ("counter", "Batched model steps (one step carries every session with a block due)."),
+        "engine_blocks_total": ("counter", "Session blocks stepped (engine_blocks_total / engine_steps_total: the "
+                                           "mean batch)."),
+        "engine_batch_size": ("gauge", "Sessions in the latest batched step."),
         "errors_total": ("counter", "Streams ended by an error (client mistakes and internal errors)."),
         "internal_errors_total": ("counter", "Streams ended by a server fault (logged with a traceback)."),
     }
@@ -37,7 +41,7 @@ class Metrics:
         self.values[name] += n
 
     def observe_step(self, seconds: float) -> None:
-        """One push that ran the model (pushes that only buffer audio are not steps)."""
+        """One batched model step (all the sessions it carried)."""
         i = next((k for k, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))
         self.step_counts[i] += 1
         self.step_sum += seconds
@@ -64,8 +68,8 @@ class Metrics:
                           f"# TYPE avatarforcing_replica_{name} {kind}"]
                 lines += [f'avatarforcing_replica_{name}{{replica="{r}"}} {snap["values"].get(name, 0):g}'
                           for r, snap in sorted(snapshots.items())]
-        lines += ["# HELP avatarforcing_step_latency_seconds Compute time of a push that ran the model "
-                  "(model steps + decode).", "# TYPE avatarforcing_step_latency_seconds histogram"]
+        lines += ["# HELP avatarforcing_step_latency_seconds Compute time of one batched model step.",
+                  "# TYPE avatarforcing_step_latency_seconds histogram"]
         counts = [sum(snap["step_counts"][i] for snap in snapshots.values()) for i in range(len(BUCKETS) + 1)]
         acc = 0
         for b, c in zip(BUCKETS, counts):

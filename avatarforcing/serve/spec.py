@@ -31,6 +31,7 @@ class Limits:
     max_live_queue_seconds: float = 300.0  # live: speech queued ahead of the clock (beyond: 'limit')
     push_seconds: float = 1.0  # at most this much audio per model push, so frames flow while a backlog drains
     max_speedup: float = 4.0  # a stream is rendered at most this many times faster than real time
+    batch: bool = True  # the sessions' due blocks share one model step (False: each alone, the unbatched baseline)
     max_image_pixels: int = 25_000_000  # checked from the image header, before decoding
     max_text_chars: int = 500  # /speak
     max_speech_seconds: float = 60.0  # /speak: longer synthesised speech is refused

@@ -2,7 +2,8 @@
 
     Stream.run: open (session, prompt, recording) -> 'ready', then
         read : socket -> queue of PCM  (up to max_buffered_seconds ahead of the model; then it waits)
-        run  : queue -> session.push (at most push_seconds a push, in a worker thread) -> emit
+        run  : queue -> the scheduler (at most push_seconds a push; its blocks batched with every other
+               stream's, engine.py) -> emit
         emit : frames -> JPEG messages (each send bounded: slow_consumer), stats every fps frames
     -> 'done' (+ recording) and close 1000; or 'error' and its close code (fail)
 
@@ -198,7 +199,6 @@ class Stream:
                                                      "sessions": self.shared.admission.active}))
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         await self.open()
         c, session = self.codec, self.session
         ready = {"type": "ready", "width": c.width, "height": c.height, "fps": c.fps,
@@ -218,13 +218,9 @@ class Stream:
                 if self.writer is not None:
                     self.writer.add_audio(pcm)
                 await self.pace(len(pcm))
-                steps = session.stats.steps
-                t0 = time.perf_counter()
-                out = await loop.run_in_executor(None, session.push, pcm)
+                out = await self.shared.scheduler.push(session, pcm)  # batched with every other stream's blocks
                 if final:
-                    out += await loop.run_in_executor(None, session.close)
-                if session.stats.steps > steps:
-                    self.shared.metrics.observe_step(time.perf_counter() - t0)
+                    out += await self.shared.scheduler.call(session.close)
                 await self.emit(out)
                 if final:
                     return await self.finish()

@@ -1,0 +1,138 @@
+"""``avatarforcing bench serve --live``: how many live sessions one serving process holds in real time, batched
+(one model step per due block for every session) against unbatched (each session stepped alone), in one run.
+
+    for mode in (batched, unbatched):   a server process (``serve`` / ``serve --no-batch``), same flags otherwise
+      for K in --sessions:              K live clients at once (different identities and seeds), for --seconds:
+                                        each says a 2 s utterance every 5 s and listens in between
+        per session   fps (frames after the first WARMUP_S / the time they span), lateness of each frame: its
+                      arrival minus the pts of its block's last frame (a block's frames are made together), less
+                      the smallest such offset after the warm-up (0: as early as the session's earliest; a
+                      session that keeps up stays within its jitter, one that does not drifts without bound),
+                      p50 / p95 / max; frames the server counted late
+        per K         server CPU utilisation (its process's CPU time / wall time / cores)
+      realtime_sessions  the largest K at which every session kept >= REALTIME_FPS x fps with p95 lateness under
+                         one block (the headline, per mode, with the device and dtype)
+
+The clients run on the same machine as the server (they parse frames, they do not decode JPEG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bench import _free_port, _idle, start_server
+
+WARMUP_S = 3.0  # first seconds of each session not counted (start-up, first frames)
+REALTIME_FPS = 0.95  # a session holds real time at >= this fraction of the model's fps ...
+IDENTITIES = ("demo", "ada", "bo", "cy", "dee", "eli", "fay", "gus")
+
+
+def _utterance(rate: int, seconds: float = 2.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * 200 * t) * (np.sin(2 * np.pi * 3 * t) > 0) + 0.01).astype(np.float32)
+
+
+def _session(url: str, i: int, seconds: float, out: dict) -> None:
+    from .client import LiveClient, LiveFrame
+
+    try:
+        with LiveClient(url, identity=IDENTITIES[i % len(IDENTITIES)], seed=i) as live:
+            ready = live.ready
+            utterance = _utterance(ready["sample_rate"])
+            frames, late, t0, say = [], 0, time.monotonic(), 1.0 + 0.37 * i
+            while time.monotonic() - t0 < seconds:
+                if time.monotonic() - t0 >= say:
+                    live.send(utterance)
+                    live.segment_end()
+                    say += 5.0
+                item = live.receive(timeout=0.05)
+                if isinstance(item, LiveFrame):
+                    frames.append((item.pts, item.received_at - t0))
+                elif isinstance(item, dict) and item.get("type") == "stats":
+                    late = item["frames_late"]
+                elif isinstance(item, dict) and item.get("type") in ("error", "closed"):
+                    raise RuntimeError(f"session ended: {item}")
+    except Exception as e:  # noqa: BLE001 - reported in the row, not raised in a thread
+        out["error"] = f"{type(e).__name__}: {e}"
+        return
+    # a block's frames are made together: each is due with its block's last frame
+    fpb = round(ready["block_ms"] * ready["fps"] / 1000)
+    due = [((round(p * ready["fps"]) // fpb + 1) * fpb - 1) / ready["fps"] for p, _ in frames]
+    offsets = np.array([a - d for (_, a), d in zip(frames, due)])
+    counted = [(p, a) for p, a in frames if a >= WARMUP_S]
+    steady = offsets[len(frames) - len(counted):]
+    lateness = 1000 * (steady - steady.min()) if counted else np.zeros(0)
+    span = counted[-1][1] - counted[0][1] if len(counted) > 1 else float("nan")
+    out.update(frames=len(frames), fps=(len(counted) - 1) / span if span == span and span > 0 else 0.0,
+               lateness_ms_p50=float(np.percentile(lateness, 50)) if len(lateness) else None,
+               lateness_ms_p95=float(np.percentile(lateness, 95)) if len(lateness) else None,
+               lateness_ms_max=float(lateness.max()) if len(lateness) else None, frames_late_server=late,
+               fps_model=ready["fps"], block_ms=ready["block_ms"])
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _sweep(port: int, pid: int, sessions: list[int], seconds: float, mode: str) -> list[dict]:
+    rows = []
+    for k in sessions:
+        _idle(port)
+        outs = [{} for _ in range(k)]
+        threads = [threading.Thread(target=_session, args=(f"ws://127.0.0.1:{port}/ws", i, seconds, o))
+                   for i, o in enumerate(outs)]
+        cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        util = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) / (os.cpu_count() or 1)
+        ok = [o for o in outs if "error" not in o]
+        held = len(ok) == k and all(o["fps"] >= REALTIME_FPS * o["fps_model"] and
+                                    o["lateness_ms_p95"] is not None and o["lateness_ms_p95"] < o["block_ms"]
+                                    for o in ok)
+        rows.append({"mode": mode, "sessions": k, "seconds": seconds, "realtime": held,
+                     "fps_per_session": [round(o["fps"], 1) for o in ok],
+                     "lateness_ms_p95": max((o["lateness_ms_p95"] or 0.0 for o in ok), default=None),
+                     "lateness_ms_max": max((o["lateness_ms_max"] or 0.0 for o in ok), default=None),
+                     "frames_late_server": sum(o["frames_late_server"] for o in ok), "server_cpu_util": round(util, 3),
+                     "errors": [o["error"] for o in outs if "error" in o]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_live_serve(model: str = "mini", sessions: list[int] = (1, 2, 3, 4), seconds: float = 20.0,
+                     dtype: str = "fp32", engine: str | None = None, device: str = "cpu",
+                     json_path: str | None = None) -> dict:
+    """Both modes' sweeps and their ``realtime_sessions``; writes ``json_path`` and returns the result."""
+    import platform
+
+    import torch
+
+    flags = ["--max-sessions", str(max(sessions)), "--dtype", dtype, "--device", device]
+    if engine:
+        flags += ["--engine", engine]
+    result = {"model": model, "dtype": dtype, "engine": engine or "default", "seconds": seconds,
+              "device": torch.cuda.get_device_name() if device.startswith("cuda") else
+              f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "rows": [], "realtime_sessions": {}}
+    for mode, extra in (("batched", []), ("unbatched", ["--no-batch"])):
+        port = _free_port()
+        proc = start_server(model, port, flags + extra)
+        try:
+            rows = _sweep(port, proc.pid, list(sessions), seconds, mode)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        result["rows"] += rows
+        result["realtime_sessions"][mode] = max((r["sessions"] for r in rows if r["realtime"]), default=0)
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    return result

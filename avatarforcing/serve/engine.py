@@ -1,0 +1,201 @@
+"""The one place a serving process runs the model: a scheduler thread that steps every stream's due blocks
+together (``engine.Engine``), live streams first.
+
+    live stream     attach(stream) once; every tick the scheduler applies its inbox (push, segment_end,
+                    interrupt), advances its clock and hands it (frames, events, samples taken) in its outbox;
+                    detach(stream, close=True) drains its window on 'end'
+    offline stream  await push(session, pcm) -> frames: fed at once, then at most ``OFFLINE_BLOCKS`` of its blocks
+                    per scheduler iteration, batched with everything else due
+    anything else   await call(fn): runs in the scheduler thread between iterations (a stream's close)
+
+One iteration: every attached live stream's clock advances; every session with a ready block (live, and
+offline up to its share) is stepped in rounds of one batched window step (``Engine.run``); then the next
+iteration. With live streams attached it iterates every ``TICK_S``; offline work iterates back to back.
+Live streams' clocks start on the scheduler's block grid (``start_time``), so their blocks fall due on the
+same ticks and share one step. A live block therefore waits at most one iteration behind other work: an
+offline stream takes one block per iteration (at most ``max_speedup`` x real time, its pacing), never a
+whole push, so a faster-than-real-time neighbour cannot starve a real-time stream of the model.
+
+``Limits.batch`` false steps every session alone (the unbatched baseline ``bench serve`` compares).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..engine import Engine
+from .metrics import Metrics
+from .spec import Limits
+
+TICK_S = 0.04  # the scheduler's period while live streams are attached (one video frame at 25 fps)
+OFFLINE_BLOCKS = 1  # blocks of one offline stream per iteration: live blocks never wait behind a whole push
+log = logging.getLogger("avatarforcing.serve")
+
+
+@dataclass
+class _Push:
+    session: object  # session.Session
+    pcm: object
+    future: asyncio.Future
+    fed: bool = False
+    done: bool = False  # no more of its blocks were ready
+    frames: list = field(default_factory=list)
+
+
+@dataclass
+class _Call:
+    fn: object
+    future: asyncio.Future
+
+
+class Scheduler:
+    """Owns the model's compute for one serving process (one ``Avatar``)."""
+
+    def __init__(self, avatar, limits: Limits, metrics: Metrics):
+        c = avatar.cfg
+        self.block_s = c.stream.block_frames * c.codec.temporal_stride / c.codec.fps
+        self.engine = Engine(batch=limits.batch)
+        self.metrics = metrics
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="avatarforcing-engine")
+        self.lives: list = []  # attached live streams (serve/live.py)
+        self.pushes: list[_Push] = []
+        self.calls: list[_Call] = []
+        self.epoch: float | None = None  # the block grid's origin (monotonic seconds)
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------- what streams call (event loop)
+
+    def start_time(self) -> float:
+        """The next point of the block grid (monotonic): a live stream's clock starts there."""
+        now = time.monotonic()
+        if self.epoch is None:
+            self.epoch = now
+        return self.epoch + math.ceil((now - self.epoch) / self.block_s) * self.block_s
+
+    def attach(self, stream) -> None:
+        """A live stream (serve/live.py, its session open) is stepped every tick until detached."""
+        self.lives.append((stream, stream.live))  # its session, kept here: the stream drops it when it ends
+        self._kick()
+
+    def detach(self, stream) -> None:
+        self.lives = [(s, live) for s, live in self.lives if s is not stream]
+
+    async def push(self, session, pcm) -> list:
+        job = _Push(session, pcm, asyncio.get_running_loop().create_future())
+        self.pushes.append(job)
+        self._kick()
+        return await job.future
+
+    async def call(self, fn):
+        job = _Call(fn, asyncio.get_running_loop().create_future())
+        self.calls.append(job)
+        self._kick()
+        return await job.future
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- the loop (event loop side)
+
+    def _kick(self) -> None:
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.lives or self.pushes or self.calls:
+            self.wake.clear()
+            t0 = time.monotonic()
+            calls, self.calls = self.calls, []
+            lives, pushes = list(self.lives), list(self.pushes)
+            for job in calls:
+                try:
+                    result = await loop.run_in_executor(self.pool, job.fn)
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    _settle(job.future, error=e)
+                else:
+                    _settle(job.future, result)
+            try:
+                results, error = await loop.run_in_executor(self.pool, self._iteration, lives, pushes)
+            except Exception as e:  # noqa: BLE001 - a fault of the scheduler itself: every stream of it fails
+                log.error("scheduler iteration failed", exc_info=e)
+                results, error = [e] * len(lives), e
+            for (stream, _), out in zip(lives, results):
+                stream.outbox.put_nowait(out)
+            for job in pushes:
+                if error is not None:
+                    self.pushes.remove(job)
+                    _settle(job.future, error=error)
+                elif job.done:
+                    self.pushes.remove(job)
+                    _settle(job.future, job.frames)
+            if self.pushes or self.calls:
+                await asyncio.sleep(0)  # let the event loop send frames, then go on
+            elif self.lives:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), max(0.0, TICK_S - (time.monotonic() - t0)))
+                except TimeoutError:
+                    pass
+
+    # ---------------------------------------------------------------- one iteration (scheduler thread)
+
+    def _iteration(self, lives: list, pushes: list[_Push]) -> tuple[list, Exception | None]:
+        """Returns each live stream's (frames, events, samples taken) or the exception it raised, and an error
+        that failed the whole step (handed to every push of it)."""
+        now = time.monotonic()
+        prepared = []
+        for stream, live in lives:
+            try:
+                prepared.append(stream.advance(live, now))
+            except Exception as e:  # noqa: BLE001 - this stream's own failure, handed to it
+                prepared.append(e)
+        for job in pushes:
+            if not job.fed:
+                job.session.feed(job.pcm)
+                job.fed, job.pcm = True, None
+        live_ok = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
+        sessions = [lives[i][1].session for i in live_ok] + [job.session for job in pushes]
+        before = [job.session.blocks_in for job in pushes]
+        rounds = self.engine.rounds
+        try:
+            made = self.engine.run(sessions, max_blocks=[None] * len(live_ok) + [OFFLINE_BLOCKS] * len(pushes))
+        except Exception as e:  # noqa: BLE001 - fails every stream of the step
+            return [e] * len(lives), e
+        self._count(rounds)
+        results: list = list(prepared)
+        for i, frames in zip(live_ok, made):
+            live = lives[i][1]
+            results[i] = (live.emit(frames), live.events(), prepared[i])
+        for job, frames, b in zip(pushes, made[len(live_ok):], before):
+            job.frames += frames
+            job.done = job.session.blocks_in - b < OFFLINE_BLOCKS  # nothing more was ready
+        return results, None
+
+    def _count(self, rounds_before: int) -> None:
+        e, m = self.engine, self.metrics
+        new = e.rounds - rounds_before
+        if new:
+            sizes, ms = list(e.batch_sizes)[-new:], list(e.step_ms)[-new:]
+            m.add("engine_steps_total", new)
+            m.add("engine_blocks_total", sum(sizes))
+            m.values["engine_batch_size"] = sizes[-1]
+            for t in ms:
+                m.observe_step(t / 1000)
+
+
+def _settle(future: asyncio.Future, result=None, error: Exception | None = None) -> None:
+    if future.done():
+        return  # its caller went away (cancelled)
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
