@@ -62,10 +62,38 @@ class Engine:
                 _sync(sessions[part[0][0]].avatar.device)
                 dt = time.perf_counter() - t0
                 self._count(len(part), dt)
-                for (i, _), lat in zip(part, latents):
+                for i, _ in part:
                     taken[i] += 1
                     sessions[i].account(dt)
-                    out[i] += sessions[i].decode(lat)
+                decoded = self._decode([sessions[i] for i, _ in part], latents)
+                for (i, _), frames in zip(part, decoded):
+                    out[i] += frames
+
+    def warm_up(self, avatar, sessions: int, image) -> None:
+        """Run 1, 2, ..., ``sessions`` silent sessions of ``image`` together through every phase of a stream (the
+        window filling, the steady state): a compiled engine specialises per shape, so a server compiles every
+        batch it can meet before its first client rather than stalling every session when a new one joins."""
+        c = avatar.cfg
+        blocks = c.stream.window_blocks + 2
+        seconds = blocks * c.stream.block_frames * c.codec.temporal_stride / c.codec.fps
+        silence = np.zeros(int(seconds * c.codec.sample_rate) + avatar.front_end.lookahead_samples, np.float32)
+        for n in range(1, sessions + 1):
+            group = [avatar.session(image, seed=i) for i in range(n)]
+            for s in group:
+                s.feed(silence)
+            self.run(group)
+
+    def _decode(self, sessions: list[Session], latents: list[list]) -> list[list[np.ndarray]]:
+        """Each session's emitted blocks as frames; one emitted block each, through one decoder call for all when
+        their decoder type can (``decode_many``), else each through its own."""
+        many = getattr(type(sessions[0].decoder), "decode_many", None)
+        same = all(type(s.decoder) is type(sessions[0].decoder) for s in sessions)
+        if not (self.batch and many and same and len(sessions) > 1 and all(len(lat) == 1 for lat in latents)
+                and len({lat[0].shape for lat in latents}) == 1):
+            return [s.decode(lat) for s, lat in zip(sessions, latents)]
+        t0 = time.perf_counter()
+        videos = many([s.decoder for s in sessions], [lat[0] for lat in latents])
+        return [[s.decoded(v[0], t0)] for s, v in zip(sessions, videos)]
 
     def tick(self, lives: list, nows: list[float]) -> list[list]:
         """Advance each live session's clock to its ``now`` (seconds since it started), then step every block that

@@ -216,17 +216,19 @@ class Session:
         out = []
         for z in latents:
             t0 = time.perf_counter()
-            frames = self.decoder.decode(z)  # [1, 3, T, H, W]
-            arr = to_uint8(frames[0].transpose(0, 1).float().cpu().numpy())
-            _sync(self.avatar.device)
-            dt = time.perf_counter() - t0
-            self.stats.vae_ms.append(1000 * dt)
-            self._compute_s += dt
-            if self.stats.first_frame_ms is None:
-                self.stats.first_frame_ms = 1000 * self._compute_s
-            out.append(arr)
-            self.frames_out += len(arr)
+            out.append(self.decoded(self.decoder.decode(z)[0], t0))
         return out
+
+    def decoded(self, video: Tensor, t0: float) -> np.ndarray:
+        """This session's decoded block [3, T, H, W] (decoding began at ``t0``) as uint8 frames [T, H, W, 3]."""
+        arr = to_uint8(video.transpose(0, 1).float().cpu().numpy())
+        dt = self._elapsed(t0)
+        self.stats.vae_ms.append(1000 * dt)
+        self._compute_s += dt
+        if self.stats.first_frame_ms is None:
+            self.stats.first_frame_ms = 1000 * self._compute_s
+        self.frames_out += len(arr)
+        return arr
 
     def _trim_pcm(self) -> None:
         """Keep only the samples future blocks can still need (bounded memory for endless streams)."""

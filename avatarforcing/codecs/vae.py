@@ -141,6 +141,22 @@ class MiniStreamingDecoder:
         self.prev: Tensor | None = None  # causal state: the last latent frame decoded
         self.started = False
 
+    @staticmethod
+    @torch.no_grad()
+    def decode_many(decoders: list[MiniStreamingDecoder], latents: list[Tensor]) -> list[Tensor]:
+        """Several streams' next blocks [1, C, n, h, w] (same n, every decoder started) in one decoder call per
+        latent frame: each stream's frames equal its own ``decode`` (to float rounding)."""
+        if not all(d.started and d.vae is decoders[0].vae for d in decoders):
+            return [d.decode(z) for d, z in zip(decoders, latents)]
+        z_all = torch.cat(latents)
+        outs = []
+        for k in range(z_all.shape[2]):
+            z = z_all[:, :, k]
+            outs.append(decoders[0].vae.decode_step(z, torch.cat([d.prev for d in decoders])))
+            for i, d in enumerate(decoders):
+                d.prev = z[i:i + 1]
+        return list(torch.cat(outs, dim=2).clamp(-1, 1).split(1))
+
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         outs = []

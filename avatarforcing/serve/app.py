@@ -59,10 +59,12 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         expiring = asyncio.ensure_future(shared.recordings.expire_forever())
+        await shared.scheduler.warm_up(avatar, limits.max_sessions)
         yield
         expiring.cancel()
         await notify_shutdown()
         shared.recordings.close()
+        shared.scheduler.close()
         workers.close()
 
     docs = {} if limits.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}

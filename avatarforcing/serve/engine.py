@@ -98,6 +98,18 @@ class Scheduler:
         self._kick()
         return await job.future
 
+    async def warm_up(self, avatar, sessions: int) -> None:
+        """Before the first client: a compiled engine compiles every batch shape of 1..``sessions`` sessions."""
+        if getattr(avatar.model, "engine_variant", "eager") == "eager":
+            return
+        sessions = sessions if self.engine.batch else 1  # unbatched, every step is a batch of one
+        from ..identities import identity_image
+
+        log.warning("compiling the %s engine for batches of 1..%d sessions (once per start; cached on disk)",
+                    avatar.model.engine_variant, sessions)
+        image = identity_image("demo", avatar.cfg.codec.height)
+        await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.warm_up, avatar, sessions, image)
+
     def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
