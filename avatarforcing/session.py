@@ -137,15 +137,20 @@ class Session:
     def next_block(self, final: bool = False) -> Tensor | None:
         """The audio rows of the next block, packed for the sampler [1, B, pack, dim], once its audio and the
         front end's look-ahead have arrived (``final``: the audio is complete, pad with silence); else None."""
+        if not self.ready(final):
+            return None
         fpb = self.frames_per_block
         a, b = self.blocks_in * fpb, (self.blocks_in + 1) * fpb
-        total_frames = -(-self.received // self.spf)
-        if not (b <= self.fe.frames_ready(self.received) or (final and a < total_frames)):
-            return None
         rows = self.fe.features(self.pcm, a, b, offset=self.offset)  # [fpb, D]
         self.blocks_in += 1
         self._trim_pcm()
         return self.avatar.pack_block(rows[None])
+
+    def ready(self, final: bool = False) -> bool:
+        """Whether the next block's audio (and the front end's look-ahead) has arrived."""
+        fpb = self.frames_per_block
+        a, b = self.blocks_in * fpb, (self.blocks_in + 1) * fpb
+        return b <= self.fe.frames_ready(self.received) or (final and a < -(-self.received // self.spf))
 
     def take_pending(self) -> list[np.ndarray]:
         """Frames made before any block (the release framing's frame 0), once."""

@@ -95,3 +95,15 @@ def test_engine_rounds_during_the_steady_phase_carry_every_session():
     unbatched = Engine(batch=False)
     unbatched.tick(lives, [t + BLOCK_S] * 3)
     assert unbatched.rounds == unbatched.blocks == 3
+
+
+def test_warm_up_meets_every_batch_size_and_phase():
+    """A compiled engine specialises per shape: the warm-up runs batches of 1..K through the window filling and
+    the steady state (the sizes the server can meet), each in one step per round."""
+    avatar = Avatar.random(tiny_cfg())
+    engine = Engine()
+    engine.warm_up(avatar, 3, _image(0))
+    L = avatar.cfg.stream.window_blocks
+    sizes = list(engine.batch_sizes)
+    assert sizes.count(1) >= L + 1 and sizes.count(2) >= L + 1 and sizes.count(3) >= L + 1
+    assert max(sizes) == 3

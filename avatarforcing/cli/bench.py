@@ -32,7 +32,8 @@ def add(sub) -> None:
                                                              "beside floods of /speak and /prepare")
     b.add_argument("--live", action="store_true", help="bench serve: K live sessions per --sessions, batched and "
                                                        "unbatched; realtime_sessions per mode")
-    b.add_argument("--engine", help="bench serve --live: the server's engine variant (e.g. compiled)")
+    b.add_argument("--configs", default="fp32:eager", help="bench serve --live: dtype:engine pairs to compare, e.g. "
+                                                           "fp32:eager,bf16:eager,bf16:compiled")
     b.add_argument("--replicas", type=int, default=2, help="bench serve --ray: replicas")
     b.add_argument("--audio-model", help="bench audio-rows: a wav2vec2-base-960h folder")
     b.add_argument("--audio", help="bench audio-rows: a speech file")
@@ -82,8 +83,12 @@ def run(args) -> int:
     elif args.live:
         from ..serve.bench_live import bench_live_serve
 
-        bench_live_serve(args.model, [int(x) for x in args.sessions.split(",")], args.seconds, args.dtype,
-                         args.engine, args.device, args.json)
+        configs = [tuple(c.split(":")) for c in args.configs.split(",")]
+        if any(len(c) != 2 for c in configs):
+            raise AvatarForcingError(f"--configs {args.configs!r}: expected dtype:engine pairs, e.g. "
+                                     "fp32:eager,bf16:eager")
+        bench_live_serve(args.model, [int(x) for x in args.sessions.split(",")], args.seconds, configs, args.device,
+                         args.json)
     else:
         from ..serve.bench import bench_serve
 

@@ -1,6 +1,7 @@
 """``avatarforcing bench serve --live``: how many live sessions one serving process holds in real time, batched
 (one model step per due block for every session) against unbatched (each session stepped alone), in one run.
 
+    for dtype/engine in --configs:      (e.g. fp32:eager,bf16:eager,bf16:compiled)
     for mode in (batched, unbatched):   a server process (``serve`` / ``serve --no-batch``), same flags otherwise
       for K in --sessions:              K live clients at once (different identities and seeds), for --seconds:
                                         each says a 2 s utterance every 5 s and listens in between
@@ -11,7 +12,8 @@
                       p50 / p95 / max; frames the server counted late
         per K         server CPU utilisation (its process's CPU time / wall time / cores)
       realtime_sessions  the largest K at which every session kept >= REALTIME_FPS x fps with p95 lateness under
-                         one block (the headline, per mode, with the device and dtype)
+                         one block (the headline, per dtype/engine/mode, with the device)
+      startup_s          the server's start until /healthz answers (a compiled engine compiles its batches first)
 
 The clients run on the same machine as the server (they parse frames, they do not decode JPEG).
 """
@@ -109,30 +111,36 @@ def _sweep(port: int, pid: int, sessions: list[int], seconds: float, mode: str) 
 
 
 def bench_live_serve(model: str = "mini", sessions: list[int] = (1, 2, 3, 4), seconds: float = 20.0,
-                     dtype: str = "fp32", engine: str | None = None, device: str = "cpu",
+                     configs: list[tuple[str, str]] = (("fp32", "eager"),), device: str = "cpu",
                      json_path: str | None = None) -> dict:
-    """Both modes' sweeps and their ``realtime_sessions``; writes ``json_path`` and returns the result."""
+    """For each (dtype, engine variant) in ``configs``, both modes' sweeps and their ``realtime_sessions`` (keyed
+    "dtype/engine/mode"); writes ``json_path`` and returns the result."""
     import platform
 
     import torch
 
-    flags = ["--max-sessions", str(max(sessions)), "--dtype", dtype, "--device", device]
-    if engine:
-        flags += ["--engine", engine]
-    result = {"model": model, "dtype": dtype, "engine": engine or "default", "seconds": seconds,
+    result = {"model": model, "seconds": seconds, "sessions": list(sessions),
               "device": torch.cuda.get_device_name() if device.startswith("cuda") else
-              f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "rows": [], "realtime_sessions": {}}
-    for mode, extra in (("batched", []), ("unbatched", ["--no-batch"])):
-        port = _free_port()
-        proc = start_server(model, port, flags + extra)
-        try:
-            rows = _sweep(port, proc.pid, list(sessions), seconds, mode)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        result["rows"] += rows
-        result["realtime_sessions"][mode] = max((r["sessions"] for r in rows if r["realtime"]), default=0)
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+              f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "rows": [], "realtime_sessions": {}}
+    for dtype, engine in configs:
+        flags = ["--max-sessions", str(max(sessions)), "--dtype", dtype, "--device", device, "--engine", engine]
+        for mode, extra in (("batched", []), ("unbatched", ["--no-batch"])):
+            port = _free_port()
+            t0 = time.monotonic()
+            proc = start_server(model, port, flags + extra, timeout=1800)
+            started = time.monotonic() - t0
+            try:
+                rows = _sweep(port, proc.pid, list(sessions), seconds, mode)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            for r in rows:
+                r.update(dtype=dtype, engine=engine, startup_s=round(started, 1))
+            result["rows"] += rows
+            held = max((r["sessions"] for r in rows if r["realtime"]), default=0)
+            result["realtime_sessions"][f"{dtype}/{engine}/{mode}"] = held
+            print(json.dumps({"dtype": dtype, "engine": engine, "mode": mode, "realtime_sessions": held,
+                              "startup_s": round(started, 1)}), flush=True)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1))
     return result

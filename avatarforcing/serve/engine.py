@@ -4,13 +4,15 @@ together (``engine.Engine``), live streams first.
     live stream     attach(stream) once; every tick the scheduler applies its inbox (push, segment_end,
                     interrupt), advances its clock and hands it (frames, events, samples taken) in its outbox;
                     detach(stream, close=True) drains its window on 'end'
-    offline stream  await push(session, pcm) -> frames: fed at once, then at most ``OFFLINE_BLOCKS`` of its blocks
-                    per scheduler iteration, batched with everything else due
+    offline stream  await push(session, pcm) -> frames: fed at once, then one of its blocks per scheduler
+                    iteration, batched with everything else due
     anything else   await call(fn): runs in the scheduler thread between iterations (a stream's close)
 
-One iteration: every attached live stream's clock advances; every session with a ready block (live, and
-offline up to its share) is stepped in rounds of one batched window step (``Engine.run``); then the next
-iteration. With live streams attached it iterates every ``TICK_S``; offline work iterates back to back.
+One iteration: every attached live stream's clock advances; every session with a ready block (live or
+offline) gives one block, and they are stepped as one batched window step (``Engine.run``); the frames go out;
+then the next iteration. It iterates every ``TICK_S`` while live streams are attached and back to back while
+there is more to do (offline work, or a live session behind its clock: it catches up one block per step, its
+frames flowing, rather than in one ever longer burst).
 Live streams' clocks start on the scheduler's block grid (``start_time``), so their blocks fall due on the
 same ticks and share one step. A live block therefore waits at most one iteration behind other work: an
 offline stream takes one block per iteration (at most ``max_speedup`` x real time, its pacing), never a
@@ -33,7 +35,7 @@ from .metrics import Metrics
 from .spec import Limits
 
 TICK_S = 0.04  # the scheduler's period while live streams are attached (one video frame at 25 fps)
-OFFLINE_BLOCKS = 1  # blocks of one offline stream per iteration: live blocks never wait behind a whole push
+BLOCKS = 1  # blocks of one session per iteration: frames flow every step, and nothing waits behind a whole push
 log = logging.getLogger("avatarforcing.serve")
 
 
@@ -137,10 +139,10 @@ class Scheduler:
                 else:
                     _settle(job.future, result)
             try:
-                results, error = await loop.run_in_executor(self.pool, self._iteration, lives, pushes)
+                results, error, more = await loop.run_in_executor(self.pool, self._iteration, lives, pushes)
             except Exception as e:  # noqa: BLE001 - a fault of the scheduler itself: every stream of it fails
                 log.error("scheduler iteration failed", exc_info=e)
-                results, error = [e] * len(lives), e
+                results, error, more = [e] * len(lives), e, False
             for (stream, _), out in zip(lives, results):
                 stream.outbox.put_nowait(out)
             for job in pushes:
@@ -150,7 +152,7 @@ class Scheduler:
                 elif job.done:
                     self.pushes.remove(job)
                     _settle(job.future, job.frames)
-            if self.pushes or self.calls:
+            if self.pushes or self.calls or more:
                 await asyncio.sleep(0)  # let the event loop send frames, then go on
             elif self.lives:
                 try:
@@ -160,9 +162,10 @@ class Scheduler:
 
     # ---------------------------------------------------------------- one iteration (scheduler thread)
 
-    def _iteration(self, lives: list, pushes: list[_Push]) -> tuple[list, Exception | None]:
-        """Returns each live stream's (frames, events, samples taken) or the exception it raised, and an error
-        that failed the whole step (handed to every push of it)."""
+    def _iteration(self, lives: list, pushes: list[_Push]) -> tuple[list, Exception | None, bool]:
+        """One round: at most one block of every session. Returns each live stream's (frames, events, samples
+        taken) or the exception it raised, an error that failed the whole step (handed to every push of it), and
+        whether a live session may have more blocks due (it is behind: the next iteration follows at once)."""
         now = time.monotonic()
         prepared = []
         for stream, live in lives:
@@ -176,21 +179,22 @@ class Scheduler:
                 job.fed, job.pcm = True, None
         live_ok = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
         sessions = [lives[i][1].session for i in live_ok] + [job.session for job in pushes]
-        before = [job.session.blocks_in for job in pushes]
+        before = [s.blocks_in for s in sessions]
         rounds = self.engine.rounds
         try:
-            made = self.engine.run(sessions, max_blocks=[None] * len(live_ok) + [OFFLINE_BLOCKS] * len(pushes))
+            made = self.engine.run(sessions, max_blocks=[BLOCKS] * len(sessions))
         except Exception as e:  # noqa: BLE001 - fails every stream of the step
-            return [e] * len(lives), e
+            return [e] * len(lives), e, False
         self._count(rounds)
+        more = any(s.ready() for s in sessions[:len(live_ok)])
         results: list = list(prepared)
         for i, frames in zip(live_ok, made):
             live = lives[i][1]
             results[i] = (live.emit(frames), live.events(), prepared[i])
-        for job, frames, b in zip(pushes, made[len(live_ok):], before):
+        for job, frames, b in zip(pushes, made[len(live_ok):], before[len(live_ok):]):
             job.frames += frames
-            job.done = job.session.blocks_in - b < OFFLINE_BLOCKS  # nothing more was ready
-        return results, None
+            job.done = job.session.blocks_in - b < BLOCKS  # nothing more was ready
+        return results, None, more
 
     def _count(self, rounds_before: int) -> None:
         e, m = self.engine, self.metrics
