@@ -107,3 +107,33 @@ def test_bench_compares_variants_on_the_same_inputs():
     assert 0 < res[1]["latents_rel_rms_diff"] < 1.0
     for r in res:
         assert r["startup_s"] > 0 and r["step_ms_p95"] >= r["step_ms_p50"] > 0
+
+
+def test_compiled_specialisation_limit_holds_in_any_thread():
+    """Dynamo's recompile limit is thread-local: a server's scheduler thread must see the raised limit when it
+    steps the model, or every batch size past the 8th runs eagerly (silently, at a fraction of the speed)."""
+    import threading
+
+    import torch._dynamo
+    from torch import nn
+
+    from avatarforcing.model import fast
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+    class Probe(nn.Module):
+        def forward(self):
+            return getattr(torch._dynamo.config, name)
+
+    m = Probe()
+    fast._keep_specialisations(m)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(m()))
+    t.start()
+    t.join()
+    assert seen == [fast.SPECIALISATIONS]
+    seen_plain = []
+    t = threading.Thread(target=lambda: seen_plain.append(Probe()()))
+    t.start()
+    t.join()
+    assert seen_plain[0] < fast.SPECIALISATIONS  # the default elsewhere: the wrapper is what raises it

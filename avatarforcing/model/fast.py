@@ -25,6 +25,7 @@ from ..errors import InputError
 
 VARIANTS = ("eager", "compiled", "graphs", "fp8")
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+SPECIALISATIONS = 256  # compiled shapes kept per block: ~5 per batch size (window phases, clean pass)
 
 
 def parse(spec: str) -> list[str]:
@@ -51,14 +52,29 @@ def engine(model: nn.Module, spec: str = "eager") -> nn.Module:
         quantise_fp8(model)
     if "compiled" in parts or "graphs" in parts:
         mode = "reduce-overhead" if "graphs" in parts and _on_cuda(model) else "default"
-        import torch._dynamo
 
-        # warm-up steps see a few prefix lengths before the steady state; each is one specialisation
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in model.blocks:
             block.compile(mode=mode, dynamic=False, fullgraph=False)
+        _keep_specialisations(model)
     model.engine_variant = "+".join(parts)
     return model
+
+
+def _keep_specialisations(model: nn.Module) -> None:
+    """Warm-up steps see a few prefix lengths before the steady state, and a server's batches of 1..K sessions:
+    each is one specialisation, and past dynamo's limit (8) the block silently runs eagerly. The limit is a
+    thread-local setting (``recompile_limit``; ``cache_size_limit`` in older torch), and the model runs in
+    whichever thread steps it (a server's scheduler), so every forward raises it for its own call."""
+    import torch._dynamo
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    inner = model.forward
+
+    def forward(*args, **kwargs):
+        with torch._dynamo.config.patch(**{name: SPECIALISATIONS}):
+            return inner(*args, **kwargs)
+
+    model.forward = forward
 
 
 def _on_cuda(model: nn.Module) -> bool:
