@@ -2,8 +2,9 @@
 (one model step per due block for every session) against unbatched (each session stepped alone), in one run.
 
     for dtype/engine in --configs:      (e.g. fp32:eager,bf16:eager,bf16:compiled)
-    for mode in (batched, unbatched):   a server process (``serve`` / ``serve --no-batch``), same flags otherwise
-      for K in --sessions:              K live clients at once (different identities and seeds), for --seconds:
+    two server processes: ``serve`` (batched) and ``serve --no-batch`` (unbatched), same flags otherwise
+      for K in --sessions, each mode in turn (so drift in the machine's speed hits both alike):
+                                        K live clients at once (different identities and seeds), for --seconds:
                                         each says a 2 s utterance every 5 s and listens in between
         per session   fps (frames after the first WARMUP_S / the time they span), lateness of each frame: its
                       arrival minus the pts of its block's last frame (a block's frames are made together), less
@@ -32,6 +33,7 @@ from .bench import _free_port, _idle, start_server
 
 WARMUP_S = 3.0  # first seconds of each session not counted (start-up, first frames)
 REALTIME_FPS = 0.95  # a session holds real time at >= this fraction of the model's fps ...
+MODES = (("batched", []), ("unbatched", ["--no-batch"]))
 IDENTITIES = ("demo", "ada", "bo", "cy", "dee", "eli", "fay", "gus")
 
 
@@ -101,6 +103,7 @@ def _sweep(port: int, pid: int, sessions: list[int], seconds: float, mode: str) 
                                     o["lateness_ms_p95"] is not None and o["lateness_ms_p95"] < o["block_ms"]
                                     for o in ok)
         rows.append({"mode": mode, "sessions": k, "seconds": seconds, "realtime": held,
+                     "fps_model": ok[0]["fps_model"] if ok else None, "block_ms": ok[0]["block_ms"] if ok else None,
                      "fps_per_session": [round(o["fps"], 1) for o in ok],
                      "lateness_ms_p95": max((o["lateness_ms_p95"] or 0.0 for o in ok), default=None),
                      "lateness_ms_max": max((o["lateness_ms_max"] or 0.0 for o in ok), default=None),
@@ -124,23 +127,55 @@ def bench_live_serve(model: str = "mini", sessions: list[int] = (1, 2, 3, 4), se
               f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "rows": [], "realtime_sessions": {}}
     for dtype, engine in configs:
         flags = ["--max-sessions", str(max(sessions)), "--dtype", dtype, "--device", device, "--engine", engine]
-        for mode, extra in (("batched", []), ("unbatched", ["--no-batch"])):
-            port = _free_port()
-            t0 = time.monotonic()
-            proc = start_server(model, port, flags + extra, timeout=1800)
-            started = time.monotonic() - t0
-            try:
-                rows = _sweep(port, proc.pid, list(sessions), seconds, mode)
-            finally:
+        servers = {}
+        try:
+            for mode, extra in MODES:  # both up; the idle one costs nothing while the other is measured
+                port, t0 = _free_port(), time.monotonic()
+                servers[mode] = (port, start_server(model, port, flags + extra, timeout=1800),
+                                 round(time.monotonic() - t0, 1))
+            rows = []
+            for k in sessions:  # the modes alternate per K: a machine whose speed drifts drifts for both
+                for mode, _ in MODES:
+                    port, proc, started = servers[mode]
+                    rows += [dict(r, dtype=dtype, engine=engine, startup_s=started)
+                             for r in _sweep(port, proc.pid, [k], seconds, mode)]
+        finally:
+            for _, proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
-            for r in rows:
-                r.update(dtype=dtype, engine=engine, startup_s=round(started, 1))
-            result["rows"] += rows
-            held = max((r["sessions"] for r in rows if r["realtime"]), default=0)
+        result["rows"] += rows
+        for mode, _ in MODES:
+            held = max((r["sessions"] for r in rows if r["realtime"] and r["mode"] == mode), default=0)
             result["realtime_sessions"][f"{dtype}/{engine}/{mode}"] = held
             print(json.dumps({"dtype": dtype, "engine": engine, "mode": mode, "realtime_sessions": held,
-                              "startup_s": round(started, 1)}), flush=True)
+                              "startup_s": servers[mode][2]}), flush=True)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1))
+        plot(result, Path(json_path).with_suffix(".png"))
     return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Per-session fps and p95 lateness against concurrent sessions, one line per dtype/engine/mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in result["realtime_sessions"]:
+        dtype, engine, mode = key.split("/")
+        rows = [r for r in result["rows"] if (r["dtype"], r["engine"], r["mode"]) == (dtype, engine, mode)]
+        ks = [r["sessions"] for r in rows]
+        style = "-" if mode == "batched" else "--"
+        a.plot(ks, [min(r["fps_per_session"], default=0) for r in rows], style, marker="o", label=key)
+        b.plot(ks, [r["lateness_ms_p95"] or 0 for r in rows], style, marker="o", label=key)
+    first = result["rows"][0] if result["rows"] else {}
+    a.axhline(REALTIME_FPS * first.get("fps_model", 25), color="grey", lw=0.8)
+    a.set(xlabel="live sessions", ylabel="fps of the slowest session", title=f"{result['model']}, {result['device']}")
+    b.axhline(first.get("block_ms", 160), color="grey", lw=0.8)
+    b.set(xlabel="live sessions", ylabel="p95 lateness (ms)", yscale="log", title="lateness (grey: one block)")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
