@@ -11,7 +11,8 @@
                       the smallest such offset after the warm-up (0: as early as the session's earliest; a
                       session that keeps up stays within its jitter, one that does not drifts without bound),
                       p50 / p95 / max; frames the server counted late
-        per K         server CPU utilisation (its process's CPU time / wall time / cores)
+        per K         server CPU utilisation (its process's CPU time / wall time / cores); from its /metrics: the
+                      batched steps, their mean batch and step time, the share of wall time the model was busy
       realtime_sessions  the largest K at which every session kept >= REALTIME_FPS x fps with p95 lateness under
                          one block (the headline, per dtype/engine/mode, with the device)
       startup_s          the server's start until /healthz answers (a compiled engine compiles its batches first)
@@ -85,10 +86,22 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def _engine_counters(port: int) -> dict:
+    """The server's scheduler counters from /metrics: batched steps, blocks they carried, their total seconds."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    want = {"avatarforcing_engine_steps_total": "steps", "avatarforcing_engine_blocks_total": "blocks",
+            "avatarforcing_step_latency_seconds_sum": "seconds"}
+    return {want[k]: float(v) for k, v in (line.split()[:2] for line in text.splitlines()
+                                            if line.split() and line.split()[0] in want)}
+
+
 def _sweep(port: int, pid: int, sessions: list[int], seconds: float, mode: str) -> list[dict]:
     rows = []
     for k in sessions:
         _idle(port)
+        before = _engine_counters(port)
         outs = [{} for _ in range(k)]
         threads = [threading.Thread(target=_session, args=(f"ws://127.0.0.1:{port}/ws", i, seconds, o))
                    for i, o in enumerate(outs)]
@@ -97,7 +110,13 @@ def _sweep(port: int, pid: int, sessions: list[int], seconds: float, mode: str) 
             t.start()
         for t in threads:
             t.join()
-        util = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) / (os.cpu_count() or 1)
+        wall = time.monotonic() - t0
+        util = (_cpu_seconds(pid) - cpu0) / wall / (os.cpu_count() or 1)
+        after = _engine_counters(port)
+        steps = after["steps"] - before["steps"]
+        engine = {"engine_steps": int(steps), "mean_batch": round((after["blocks"] - before["blocks"]) / steps, 2)
+                  if steps else None, "step_ms_mean": round(1000 * (after["seconds"] - before["seconds"]) / steps, 1)
+                  if steps else None, "model_busy": round((after["seconds"] - before["seconds"]) / wall, 3)}
         ok = [o for o in outs if "error" not in o]
         held = len(ok) == k and all(o["fps"] >= REALTIME_FPS * o["fps_model"] and
                                     o["lateness_ms_p95"] is not None and o["lateness_ms_p95"] < o["block_ms"]
@@ -108,6 +127,7 @@ def _sweep(port: int, pid: int, sessions: list[int], seconds: float, mode: str) 
                      "lateness_ms_p95": max((o["lateness_ms_p95"] or 0.0 for o in ok), default=None),
                      "lateness_ms_max": max((o["lateness_ms_max"] or 0.0 for o in ok), default=None),
                      "frames_late_server": sum(o["frames_late_server"] for o in ok), "server_cpu_util": round(util, 3),
+                     **engine,
                      "errors": [o["error"] for o in outs if "error" in o]})
         print(json.dumps(rows[-1]), flush=True)
     return rows

@@ -1,0 +1,78 @@
+"""The Pipecat video service (avatarforcing/integrations/pipecat.py), driven by Pipecat's own test runner with no
+transport: TTS audio in -> the avatar's frames and its synced audio out; segment end; interruption."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pipecat", reason="the pipecat extra is not installed (pip install 'avatarforcing[pipecat]')")
+
+from pipecat.frames.frames import (  # noqa: E402
+    InterruptionFrame,
+    OutputImageRawFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+
+from avatarforcing.api import Avatar  # noqa: E402
+from avatarforcing.data.audio import resample  # noqa: E402
+from avatarforcing.integrations.driver import float_to_s16, s16_to_float  # noqa: E402
+from avatarforcing.integrations.pipecat import AvatarForcingVideoService  # noqa: E402
+
+from .conftest import speech, tiny_cfg  # noqa: E402
+
+TTS_RATE = 24000
+
+
+@pytest.fixture(scope="module")
+def avatar():
+    return Avatar.random(tiny_cfg())
+
+
+def _tts(seconds):
+    pcm = resample(speech(seconds) + 0.01, 16000, TTS_RATE)
+    chunk = TTS_RATE // 50  # 20 ms
+    return [TTSAudioRawFrame(audio=float_to_s16(pcm[i:i + chunk]), sample_rate=TTS_RATE, num_channels=1)
+            for i in range(0, len(pcm), chunk)]
+
+
+def _service(avatar):
+    return AvatarForcingVideoService(avatar, np.full((64, 64, 3), 128, np.uint8), seed=3)
+
+
+def _spoken(frames):
+    return [f for f in frames if isinstance(f, TTSAudioRawFrame)]
+
+
+def test_tts_audio_becomes_frames_and_the_same_audio_in_sync(avatar):
+    down, _ = asyncio.run(run_test(_service(avatar), frames_to_send=[TTSStartedFrame(), *_tts(1.0), TTSStoppedFrame(),
+                                                                     SleepFrame(sleep=2.5)]))
+    images = [f for f in down if isinstance(f, OutputImageRawFrame)]
+    assert len(images) >= 2.0 * 25 and all(f.size == (64, 64) and f.format == "RGB" for f in images)
+    assert all(len(f.image) == 64 * 64 * 3 for f in images)
+    pts = [f.pts for f in images]
+    assert pts == [round(i * 0.04e9) for i in range(len(images))]  # the media clock, 40 ms apart
+    audio = _spoken(down)
+    assert all(a.sample_rate == 16000 and a.num_channels == 1 for a in audio)  # the TTS's own frames never pass
+    spoken = np.concatenate([s16_to_float(a.audio, 1) for a in audio])
+    assert abs(np.count_nonzero(spoken) - 16000) <= 2  # the whole utterance, once, at the model's rate
+    for i, f in enumerate(down):  # every frame of speech: its audio, then its image (shown after that audio)
+        if isinstance(f, TTSAudioRawFrame):
+            assert isinstance(down[i + 1], OutputImageRawFrame) and down[i + 1].sync_with_audio
+    assert any(isinstance(f, TTSStartedFrame) for f in down) and any(isinstance(f, TTSStoppedFrame) for f in down)
+
+
+def test_an_interruption_stops_the_speech_within_a_block(avatar):
+    frames = [TTSStartedFrame(), *_tts(4.0), SleepFrame(sleep=1.5), InterruptionFrame(), SleepFrame(sleep=1.5)]
+    down, _ = asyncio.run(run_test(_service(avatar), frames_to_send=frames))
+    cut = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))  # passed on
+    spoken_before = sum(len(a.audio) // 2 for a in _spoken(down[:cut]))
+    after = down[cut:]
+    assert 0 < spoken_before < 4.0 * 16000
+    # what was in flight when the interruption arrived may finish (at most two blocks of frames); then silence
+    assert len(_spoken(after)) <= 2 * 4
+    images_after = [f for f in after if isinstance(f, OutputImageRawFrame)]
+    assert len(images_after) >= 25 and not any(f.sync_with_audio for f in images_after[8:])
