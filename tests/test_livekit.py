@@ -65,7 +65,8 @@ def _run(avatar, seconds, speech_s, interrupt_at=None):
 def test_audio_in_video_and_the_same_audio_out_in_order(avatar):
     items, _ = _run(avatar, 2.5, 1.0)
     video = [i for i in items if isinstance(i, rtc.VideoFrame)]
-    assert len(video) >= 2.5 * 25 and all(v.width == 64 and v.height == 64 for v in video)
+    c = avatar.cfg.codec
+    assert len(video) >= 2.5 * 25 and all(v.width == c.width and v.height == c.height for v in video)
     assert all(v.type == rtc.VideoBufferType.RGB24 for v in video)
     audio = [i for i in items if isinstance(i, rtc.AudioFrame)]
     assert all(a.sample_rate == 16000 and a.num_channels == 1 and a.samples_per_channel == 640 for a in audio)

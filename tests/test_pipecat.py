@@ -51,8 +51,9 @@ def test_tts_audio_becomes_frames_and_the_same_audio_in_sync(avatar):
     down, _ = asyncio.run(run_test(_service(avatar), frames_to_send=[TTSStartedFrame(), *_tts(1.0), TTSStoppedFrame(),
                                                                      SleepFrame(sleep=2.5)]))
     images = [f for f in down if isinstance(f, OutputImageRawFrame)]
-    assert len(images) >= 2.0 * 25 and all(f.size == (64, 64) and f.format == "RGB" for f in images)
-    assert all(len(f.image) == 64 * 64 * 3 for f in images)
+    c = avatar.cfg.codec
+    assert len(images) >= 2.0 * 25 and all(f.size == (c.width, c.height) and f.format == "RGB" for f in images)
+    assert all(len(f.image) == c.width * c.height * 3 for f in images)
     pts = [f.pts for f in images]
     assert pts == [round(i * 0.04e9) for i in range(len(images))]  # the media clock, 40 ms apart
     audio = _spoken(down)

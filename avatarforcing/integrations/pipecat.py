@@ -34,6 +34,7 @@ try:
     )
     from pipecat.processors.frame_processor import FrameDirection
     from pipecat.services.ai_service import AIService
+    from pipecat.services.settings import ServiceSettings
 except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError("the Pipecat service needs pipecat-ai: pip install 'avatarforcing[pipecat]'") from e
 
@@ -45,6 +46,7 @@ class AvatarForcingVideoService(AIService):
     """TTS audio in, the avatar's frames and its synced audio out, from one live session on this host."""
 
     def __init__(self, avatar, image, *, seed: int = 0, prompt: str | None = None, **kwargs):
+        kwargs.setdefault("settings", ServiceSettings(model=None))  # runs on this host: no remote model name
         super().__init__(**kwargs)
         self._driver = LiveDriver(avatar, image, seed=seed, prompt=prompt)
         self._rate = avatar.cfg.codec.sample_rate
