@@ -143,13 +143,37 @@ def _flood(port: int, stop: threading.Event, out: dict) -> None:
             t.join()
 
 
+def _fast_stream(port: int, stop: threading.Event, out: dict) -> None:
+    """Another client sending 60 s files as fast as the socket takes them (faster than real time), until ``stop``."""
+    from .client import AvatarClient
+
+    t = np.arange(16000 * 60) / 16000
+    pcm = (0.3 * np.sin(2 * np.pi * 150 * t) * (np.sin(2 * np.pi * 1.5 * t) > 0)).astype(np.float32)
+    while not stop.is_set():
+        try:
+            for _ in AvatarClient(f"ws://127.0.0.1:{port}/ws").stream((pcm[i:i + 16000] for i in range(0, len(pcm),
+                                                                                                     16000)),
+                                                                        identity="ada"):
+                out["frames"] = out.get("frames", 0) + 1
+                if stop.is_set():
+                    break
+        except Exception as e:  # noqa: BLE001 - reported, not raised in a thread
+            out["error"] = f"{type(e).__name__}: {e}"
+            return
+
+
+NEIGHBOURS = {"alone": None, "beside /speak + /prepare floods": _flood,
+              "beside a stream sent faster than real time": _fast_stream}
+
+
 def _neighbours(port: int, seconds: float) -> list[dict]:
-    """One real-time stream alone, then beside floods of /speak and /prepare (the noisy neighbour rows)."""
+    """One real-time stream alone, then beside floods of /speak and /prepare, then beside another client's stream
+    sent at once (the noisy neighbour rows)."""
     rows = []
-    for label in ("alone", "beside /speak + /prepare floods"):
+    for label, neighbour in NEIGHBOURS.items():
         _idle(port)
         out, flood, stop = {}, {}, threading.Event()
-        flooder = threading.Thread(target=_flood, args=(port, stop, flood)) if label != "alone" else None
+        flooder = threading.Thread(target=neighbour, args=(port, stop, flood)) if neighbour else None
         if flooder:
             flooder.start()
             time.sleep(1.0)
@@ -158,7 +182,7 @@ def _neighbours(port: int, seconds: float) -> list[dict]:
         if flooder:
             flooder.join()
         rows.append({"server": "single process", "neighbour": label, "seconds": seconds, **out,
-                     **({"flood_requests": flood} if flooder else {})})
+                     **({"neighbour_result": flood} if flooder else {})})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
