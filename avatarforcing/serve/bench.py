@@ -193,7 +193,7 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
     production), for each S in ``sessions``; with ``ray_replicas``, the same sweep against ``serve --ray``
     with that many replicas (sessions per replica: enough for the largest S), in the same run."""
     port = _free_port()
-    proc = start_server(model, port, ["--max-sessions", str(max(sessions))])
+    proc = start_server(model, port, ["--max-sessions", str(max(*sessions, 2 if neighbours else 1))])
     try:
         results = _sweep(port, sessions, seconds, "single process")
         if neighbours:

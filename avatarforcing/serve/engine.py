@@ -4,8 +4,9 @@ together (``engine.Engine``), live streams first.
     live stream     attach(stream) once; every tick the scheduler applies its inbox (push, segment_end,
                     interrupt), advances its clock and hands it (frames, events, samples taken) in its outbox;
                     detach(stream, close=True) drains its window on 'end'
-    offline stream  await push(session, pcm) -> frames: fed at once, then one of its blocks per scheduler
-                    iteration, batched with everything else due
+    offline stream  await push(session, pcm, t_start) -> frames: fed at once, then one of its blocks per
+                    scheduler iteration, batched with everything else due; a stream whose audio came ahead of its
+                    wall clock (sent faster than real time) only takes iterations no real-time stream needs
     anything else   await call(fn): runs in the scheduler thread between iterations (a stream's close)
 
 One iteration: every attached live stream's clock advances; every session with a ready block (live or
@@ -44,6 +45,7 @@ class _Push:
     session: object  # session.Session
     pcm: object
     future: asyncio.Future
+    t_start: float  # the stream's start (monotonic): its blocks are ahead of real time past the wall clock
     fed: bool = False
     done: bool = False  # no more of its blocks were ready
     frames: list = field(default_factory=list)
@@ -61,6 +63,7 @@ class Scheduler:
     def __init__(self, avatar, limits: Limits, metrics: Metrics):
         c = avatar.cfg
         self.block_s = c.stream.block_frames * c.codec.temporal_stride / c.codec.fps
+        self.rate = c.codec.sample_rate
         self.engine = Engine(batch=limits.batch)
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="avatarforcing-engine")
@@ -88,8 +91,9 @@ class Scheduler:
     def detach(self, stream) -> None:
         self.lives = [(s, live) for s, live in self.lives if s is not stream]
 
-    async def push(self, session, pcm) -> list:
-        job = _Push(session, pcm, asyncio.get_running_loop().create_future())
+    async def push(self, session, pcm, t_start: float) -> list:
+        """An offline stream's audio (the stream started at ``t_start``, monotonic) -> the frames it made."""
+        job = _Push(session, pcm, asyncio.get_running_loop().create_future(), t_start)
         self.pushes.append(job)
         self._kick()
         return await job.future
@@ -178,8 +182,14 @@ class Scheduler:
                 job.session.feed(job.pcm)
                 job.fed, job.pcm = True, None
         live_ok = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
+        # real-time streams first: a stream whose client has sent audio ahead of the wall clock (faster than real
+        # time, by more than a block) waits while any live or real-time stream has a block ready, and takes the
+        # compute nobody else needs
+        ahead = [job.session.received / self.rate > now - job.t_start + self.block_s for job in pushes]
+        urgent = any(lives[i][1].session.ready() for i in live_ok) or \
+            any(job.session.ready() for job, a in zip(pushes, ahead) if not a)
+        pushes = [job for job, a in zip(pushes, ahead) if not (a and urgent)]
         sessions = [lives[i][1].session for i in live_ok] + [job.session for job in pushes]
-        before = [s.blocks_in for s in sessions]
         rounds = self.engine.rounds
         try:
             made = self.engine.run(sessions, max_blocks=[BLOCKS] * len(sessions))
@@ -191,9 +201,9 @@ class Scheduler:
         for i, frames in zip(live_ok, made):
             live = lives[i][1]
             results[i] = (live.emit(frames), live.events(), prepared[i])
-        for job, frames, b in zip(pushes, made[len(live_ok):], before[len(live_ok):]):
+        for job, frames in zip(pushes, made[len(live_ok):]):
             job.frames += frames
-            job.done = job.session.blocks_in - b < BLOCKS  # nothing more was ready
+            job.done = not job.session.ready()  # nothing more is ready: its frames go back now
         return results, None, more
 
     def _count(self, rounds_before: int) -> None:

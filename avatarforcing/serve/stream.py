@@ -218,7 +218,7 @@ class Stream:
                 if self.writer is not None:
                     self.writer.add_audio(pcm)
                 await self.pace(len(pcm))
-                out = await self.shared.scheduler.push(session, pcm)  # batched with every other stream's blocks
+                out = await self.shared.scheduler.push(session, pcm, self.t_start)  # batched with the others' blocks
                 if final:
                     out += await self.shared.scheduler.call(session.close)
                 await self.emit(out)
