@@ -107,3 +107,28 @@ def test_warm_up_meets_every_batch_size_and_phase():
     sizes = list(engine.batch_sizes)
     assert sizes.count(1) >= L + 1 and sizes.count(2) >= L + 1 and sizes.count(3) >= L + 1
     assert max(sizes) == 3
+
+
+def test_the_scheduler_serves_real_time_streams_first():
+    """A stream whose client sent audio far ahead of the wall clock waits while a real-time stream has a block
+    ready; it takes the iterations nobody else needs."""
+    import time
+
+    from avatarforcing.serve.engine import Scheduler, _Push
+    from avatarforcing.serve.metrics import Metrics
+    from avatarforcing.serve.spec import Limits
+
+    avatar = Avatar.random(tiny_cfg())
+    sched = Scheduler(avatar, Limits(), Metrics())
+    now = time.monotonic()
+    fast, paced = avatar.session(_image(0), seed=0), avatar.session(_image(1), seed=1)
+    fast_job = _Push(fast, speech(20.0), None, t_start=now - 1.0)  # 20 s of audio one second in
+    paced_job = _Push(paced, speech(1.5), None, t_start=now - 1.5)  # as much audio as wall time
+    sched._iteration([], [fast_job, paced_job])
+    assert paced.blocks_in == 1 and fast.blocks_in == 0  # the real-time stream's block went alone
+    while paced.ready():
+        sched._iteration([], [fast_job, paced_job])
+    assert fast.blocks_in == 0
+    sched._iteration([], [fast_job, paced_job])  # nothing real-time is ready: the spare step is the fast one's
+    assert fast.blocks_in == 1
+    sched.close()
