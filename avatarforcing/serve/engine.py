@@ -157,8 +157,8 @@ class Scheduler:
                     self.pushes.remove(job)
                     _settle(job.future, job.frames)
             if self.pushes or self.calls or more:
-                await asyncio.sleep(0)  # let the event loop send frames, then go on
-            elif self.lives:
+                continue  # the next step starts now; the streams send these frames while it runs
+            if self.lives:
                 try:
                     await asyncio.wait_for(self.wake.wait(), max(0.0, TICK_S - (time.monotonic() - t0)))
                 except TimeoutError:
