@@ -45,12 +45,12 @@ def test_every_serve_flag_lands_in_the_spec():
     args = build_parser().parse_args(
         ["serve", "--model", "m", "--host", "0.0.0.0", "--port", "9", "--max-sessions", "3", "--device", "cuda",
          "--allow-origin", "https://a.example", "--allow-origin", "https://b.example", "--docs", "--dtype", "bf16",
-         "--engine", "fp8", "--prompt", "a calm voice", "--session-limit", "600"])
+         "--engine", "fp8", "--prompt", "a calm voice", "--session-limit", "600", "--no-batch"])
     s = spec_from_args(args)
     assert (s.model, s.host, s.port, s.device, s.dtype, s.engine, s.prompt) == \
         ("m", "0.0.0.0", 9, "cuda", "bf16", "fp8", "a calm voice")
     assert s.limits == dataclasses.replace(Limits(), max_sessions=3, docs=True, max_session_seconds=600.0,
-                                           allow_origins=("https://a.example", "https://b.example"))
+                                           allow_origins=("https://a.example", "https://b.example"), batch=False)
     assert s.ray is None
 
     args = build_parser().parse_args(["serve", "--ray", "--autoscale", "1:5", "--sessions-per-replica", "6",
