@@ -108,9 +108,3 @@ class Engine:
         self.blocks += size
         self.batch_sizes.append(size)
         self.step_ms.append(1000 * seconds)
-
-    def summary(self) -> dict:
-        sizes, ms = list(self.batch_sizes), list(self.step_ms)
-        return {"rounds": self.rounds, "blocks": self.blocks,
-                "batch_mean": float(np.mean(sizes)) if sizes else None, "batch_max": max(sizes, default=None),
-                "step_ms_p50": float(np.median(ms)) if ms else None}
