@@ -70,6 +70,24 @@ def speech(seconds=1.0):
     return (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
 
 
+def tts_chunks(seconds: float, rate: int = 24000, chunk_ms: int = 20) -> list[np.ndarray]:
+    """Test speech (never exactly zero, so its extent in output PCM is exact) as a TTS engine at ``rate`` delivers
+    it: float32 chunks of ``chunk_ms``."""
+    from avatarforcing.data.audio import resample
+
+    pcm = resample(speech(seconds) + 0.01, 16000, rate)
+    n = rate * chunk_ms // 1000
+    return [pcm[i:i + n] for i in range(0, len(pcm), n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_avatar():
+    """A random-weight avatar of the tiny config (32 x 32 frames): the live engine's contracts, fast."""
+    from avatarforcing.api import Avatar
+
+    return Avatar.random(tiny_cfg())
+
+
 def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20

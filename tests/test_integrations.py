@@ -6,12 +6,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from avatarforcing.api import Avatar
 from avatarforcing.data.audio import resample
 from avatarforcing.integrations.driver import LiveDriver, StreamResampler, float_to_s16, s16_to_float
 from avatarforcing.live import LiveFrame, PlaybackFinished
 
-from .conftest import speech, tiny_cfg
+from .conftest import tts_chunks
 
 
 @pytest.mark.parametrize("rate_in", [24000, 48000, 44100, 8000])
@@ -66,14 +65,12 @@ def _drive(driver, actions, seconds):
     return asyncio.run(main())
 
 
-def test_the_driver_speaks_at_any_rate_and_finishes_the_segment():
-    avatar = Avatar.random(tiny_cfg())
-    driver = LiveDriver(avatar, np.full((64, 64, 3), 128, np.uint8))
-    utterance = resample(speech(1.0) + 0.01, 16000, 24000)  # a TTS at 24 kHz, in 20 ms chunks
+def test_the_driver_speaks_at_any_rate_and_finishes_the_segment(tiny_avatar):
+    driver = LiveDriver(tiny_avatar, np.full((64, 64, 3), 128, np.uint8))
 
-    def say():
-        for i in range(0, len(utterance), 480):
-            driver.push(utterance[i:i + 480], 24000)
+    def say():  # a TTS at 24 kHz, in 20 ms chunks
+        for chunk in tts_chunks(1.0, 24000):
+            driver.push(chunk, 24000)
         driver.end_segment()
 
     items = _drive(driver, {0.3: say}, 3.0)

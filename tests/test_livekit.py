@@ -14,25 +14,21 @@ pytest.importorskip("livekit.agents", reason="the livekit extra is not installed
 
 from livekit.agents.voice.avatar import AudioSegmentEnd  # noqa: E402
 
-from avatarforcing.api import Avatar  # noqa: E402
-from avatarforcing.data.audio import resample  # noqa: E402
 from avatarforcing.integrations.driver import float_to_s16, s16_to_float  # noqa: E402
 from avatarforcing.integrations.livekit import AvatarForcingVideoGenerator, avatar_options  # noqa: E402
 
-from .conftest import speech, tiny_cfg  # noqa: E402
+from .conftest import tts_chunks  # noqa: E402
 
 RATE = 24000
 
 
-@pytest.fixture(scope="module")
-def avatar():
-    return Avatar.random(tiny_cfg())
+@pytest.fixture
+def avatar(tiny_avatar):
+    return tiny_avatar
 
 
 def _frames(seconds):
-    pcm = resample(speech(seconds) + 0.01, 16000, RATE)
-    n = RATE // 50
-    return [rtc.AudioFrame(float_to_s16(pcm[i:i + n]), RATE, 1, len(pcm[i:i + n])) for i in range(0, len(pcm), n)]
+    return [rtc.AudioFrame(float_to_s16(c), RATE, 1, len(c)) for c in tts_chunks(seconds, RATE)]
 
 
 def _run(avatar, seconds, speech_s, interrupt_at=None):

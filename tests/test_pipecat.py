@@ -17,26 +17,22 @@ from pipecat.frames.frames import (  # noqa: E402
 )
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 
-from avatarforcing.api import Avatar  # noqa: E402
-from avatarforcing.data.audio import resample  # noqa: E402
 from avatarforcing.integrations.driver import float_to_s16, s16_to_float  # noqa: E402
 from avatarforcing.integrations.pipecat import AvatarForcingVideoService  # noqa: E402
 
-from .conftest import speech, tiny_cfg  # noqa: E402
+from .conftest import tts_chunks  # noqa: E402
 
 TTS_RATE = 24000
 
 
-@pytest.fixture(scope="module")
-def avatar():
-    return Avatar.random(tiny_cfg())
+@pytest.fixture
+def avatar(tiny_avatar):
+    return tiny_avatar
 
 
 def _tts(seconds):
-    pcm = resample(speech(seconds) + 0.01, 16000, TTS_RATE)
-    chunk = TTS_RATE // 50  # 20 ms
-    return [TTSAudioRawFrame(audio=float_to_s16(pcm[i:i + chunk]), sample_rate=TTS_RATE, num_channels=1)
-            for i in range(0, len(pcm), chunk)]
+    return [TTSAudioRawFrame(audio=float_to_s16(c), sample_rate=TTS_RATE, num_channels=1)
+            for c in tts_chunks(seconds, TTS_RATE)]
 
 
 def _service(avatar):
