@@ -1,9 +1,9 @@
 """The one place a serving process runs the model: a scheduler thread that steps every stream's due blocks
 together (``engine.Engine``), live streams first.
 
-    live stream     attach(stream) once; every tick the scheduler applies its inbox (push, segment_end,
-                    interrupt), advances its clock and hands it (frames, events, samples taken) in its outbox;
-                    detach(stream, close=True) drains its window on 'end'
+    live session    attach(feed) once (feed.py: a WebSocket's or a WebRTC peer's); every tick the scheduler
+                    applies its inbox (push, segment_end, interrupt), advances its clock and hands it (frames,
+                    events, samples taken) in its outbox; detach(feed); a drain on 'end' goes through call()
     offline stream  await push(session, pcm, t_start) -> frames: fed at once, then one of its blocks per
                     scheduler iteration, batched with everything else due; a stream whose audio came ahead of its
                     wall clock (sent faster than real time) only takes iterations no real-time stream needs
@@ -67,7 +67,7 @@ class Scheduler:
         self.engine = Engine(batch=limits.batch)
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="avatarforcing-engine")
-        self.lives: list = []  # attached live streams (serve/live.py)
+        self.lives: list = []  # attached live feeds (feed.py) with their sessions
         self.pushes: list[_Push] = []
         self.calls: list[_Call] = []
         self.epoch: float | None = None  # the block grid's origin (monotonic seconds)
@@ -147,8 +147,8 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - a fault of the scheduler itself: every stream of it fails
                 log.error("scheduler iteration failed", exc_info=e)
                 results, error, more = [e] * len(lives), e, False
-            for (stream, _), out in zip(lives, results):
-                stream.outbox.put_nowait(out)
+            for (feed, _), out in zip(lives, results):
+                feed.outbox.put_nowait(out)
             for job in pushes:
                 if error is not None:
                     self.pushes.remove(job)
@@ -172,9 +172,9 @@ class Scheduler:
         whether a live session may have more blocks due (it is behind: the next iteration follows at once)."""
         now = time.monotonic()
         prepared = []
-        for stream, live in lives:
+        for feed, live in lives:
             try:
-                prepared.append(stream.advance(live, now))
+                prepared.append(feed.advance(live, now))
             except Exception as e:  # noqa: BLE001 - this stream's own failure, handed to it
                 prepared.append(e)
         for job in pushes:

@@ -19,12 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import deque
-
-import numpy as np
 
 from ..errors import AvatarForcingError
 from .connection import Connection, Shared
+from .feed import LiveFeed
 from .protocol import PROTOCOL, ClientError, StartRequest, decode_pcm, live_frame_message, parse_control
 from .stream import Stream
 
@@ -34,12 +32,11 @@ class LiveStream(Stream):
 
     def __init__(self, conn: Connection, req: StartRequest, shared: Shared):
         super().__init__(conn, req, shared)
-        self.inbox: deque[tuple[str, np.ndarray | None]] = deque()
         self.live = None
+        self.feed: LiveFeed | None = None  # what the scheduler steps (feed.py)
         self.ended = asyncio.Event()
         self.state = "listening"
         self.late = 0
-        self.outbox: asyncio.Queue = asyncio.Queue()  # what the scheduler made for this stream, tick by tick
 
     async def open(self) -> None:
         avatar, req, loop = self.shared.avatar, self.req, asyncio.get_running_loop()
@@ -49,49 +46,22 @@ class LiveStream(Stream):
         except AvatarForcingError as e:
             raise ClientError("bad_prompt" if req.prompt and "prompt" in str(e) else "bad_image", str(e)) from None
         self.session = self.live.session
+        self.feed = LiveFeed(self.live, self.limits, self.shared.pool)
 
     async def read(self) -> None:
-        """Socket -> inbox. Only the session's wall-clock limit applies: a connected live client is never idle."""
+        """Socket -> the feed's inbox. Only the session's wall-clock limit applies: a connected live client is
+        never idle."""
         while True:
             left = self.limits.max_session_seconds - (time.monotonic() - self.t_start)
             msg = await self.conn.receive(left, "limit", f"session reached {self.limits.max_session_seconds:.0f} s")
             if msg.get("bytes") is not None:
-                pcm = decode_pcm(msg["bytes"], self.req.fmt)
-                self.received += len(pcm)
-                ahead = self.buffered + len(pcm) + (self.live.queued if self.live is not None else 0)
-                if ahead > self.limits.max_live_queue_seconds * self.codec.sample_rate:  # bounded memory
-                    raise ClientError("limit", f"more than {self.limits.max_live_queue_seconds:.0f} s of speech "
-                                               "queued ahead of the clock")
-                if self.received > self.limits.max_session_seconds * self.codec.sample_rate:
-                    raise ClientError("limit", f"session exceeded {self.limits.max_session_seconds:.0f} s of audio")
-                self._buffer(len(pcm))
-                self.inbox.append(("push", pcm))
+                self.feed.push(decode_pcm(msg["bytes"], self.req.fmt))
                 continue
             kind = parse_control(msg["text"], live=True)
-            self.inbox.append((kind, None))
+            self.feed.control(kind)
             if kind == "end":
                 self.ended.set()
                 return
-
-    def advance(self, live, now: float) -> int:
-        """In the scheduler thread: the client's operations in order, then the clock of ``live`` (this stream's
-        session when it was attached) to ``now`` (monotonic). Returns the samples taken from the inbox."""
-        taken = 0
-        while self.inbox:
-            kind, pcm = self.inbox.popleft()
-            if kind == "push":
-                live.push(pcm)
-                taken += len(pcm)
-            elif kind == "segment_end":
-                live.end_segment()
-            elif kind == "interrupt":
-                live.interrupt()
-        live.advance(now - self.t_start)
-        return taken
-
-    def _buffer(self, n: int) -> None:
-        self.buffered += n
-        self.shared.pool.queued += n
 
     async def run(self) -> None:
         await self.open()
@@ -102,19 +72,19 @@ class LiveStream(Stream):
             "lookahead_ms": self.live.lookahead_ms, "block_ms": block_ms, "grace_ms": 1000 * self.live.grace_s,
             "sample_rate": c.sample_rate, "frame_header": "<IdI", **({"replica": self.shared.replica}
                                                                        if self.shared.replica else {})}))
-        scheduler = self.shared.scheduler
-        self.t_start = scheduler.start_time()  # on the block grid: its blocks fall due with the others'
+        scheduler, feed = self.shared.scheduler, self.feed
+        self.t_start = feed.t_start = scheduler.start_time()  # on the block grid: due with the others' blocks
         due_after = (self.live.lookahead_ms + block_ms + self.limits.late_ms) / 1000
         read_task = asyncio.ensure_future(self.read())
         self.tasks.append(read_task)
-        scheduler.attach(self)
+        scheduler.attach(feed)
         try:
             while True:
                 if read_task.done():
                     if read_task.cancelled():
                         return  # the server closed this stream (shutdown)
                     read_task.result()  # the reader failed: raise its error ('end': the outbox follows)
-                out = asyncio.ensure_future(self.outbox.get())
+                out = asyncio.ensure_future(feed.outbox.get())
                 waits = {out} if read_task.done() else {out, read_task}
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if out not in done:
@@ -124,24 +94,24 @@ class LiveStream(Stream):
                 if isinstance(result, Exception):
                     raise result
                 frames, events, taken = result
-                self._buffer(-taken)
+                feed.took(taken)
                 for f in frames:
                     await self._send_frame(f, due_after)
                 for e in events:
                     await self.conn.send(json.dumps({"type": "playback_finished", "segment": e.segment,
                                                      "position_s": round(e.position_s, 6),
                                                      "interrupted": e.interrupted}))
-                if self.ended.is_set() and not self.inbox:
-                    scheduler.detach(self)
+                if self.ended.is_set() and not feed.inbox:
+                    scheduler.detach(feed)
                     for f in await scheduler.call(self.live.close):
                         await self._send_frame(f, due_after)
                     return await self.finish()
         finally:
-            scheduler.detach(self)
+            scheduler.detach(feed)
             read_task.cancel()
             self.tasks.clear()
             self.session = self.live = None
-            self.shared.pool.queued -= self.buffered
+            feed.release()
 
     async def _send_frame(self, f, due_after: float) -> None:
         state = "speaking" if f.speaking else "listening"
