@@ -1,8 +1,11 @@
 """Many live sessions stepped by one engine (avatarforcing/engine.py): each session's frames and PCM are what it
 makes alone, whoever joins or leaves; one model step per tick for all of them."""
 
+import asyncio
+
 import numpy as np
 import pytest
+import torch
 
 from avatarforcing.api import Avatar
 from avatarforcing.engine import Engine
@@ -132,3 +135,22 @@ def test_the_scheduler_serves_real_time_streams_first():
     sched._iteration([], [fast_job, paced_job])  # nothing real-time is ready: the spare step is the fast one's
     assert fast.blocks_in == 1
     sched.close()
+
+
+def test_compute_threads_apply_in_the_models_own_thread():
+    """torch's thread count is per thread: set in the caller's it would not reach the scheduler's."""
+    from avatarforcing.serve.engine import Scheduler
+    from avatarforcing.serve.metrics import Metrics
+    from avatarforcing.serve.spec import Limits
+
+    avatar = Avatar.random(tiny_cfg())
+
+    async def threads(n):
+        s = Scheduler(avatar, Limits(compute_threads=n), Metrics())
+        try:
+            return await s.call(torch.get_num_threads)
+        finally:
+            s.close()
+
+    for n in (1, 2):
+        assert asyncio.run(threads(n)) == n

@@ -23,6 +23,8 @@ def _changed(value):
         return value * 2 + 1
     if isinstance(value, tuple):
         return ("https://app.example",)
+    if value is None:  # an optional count
+        return 3
     raise TypeError(value)
 
 
@@ -45,12 +47,14 @@ def test_every_serve_flag_lands_in_the_spec():
     args = build_parser().parse_args(
         ["serve", "--model", "m", "--host", "0.0.0.0", "--port", "9", "--max-sessions", "3", "--device", "cuda",
          "--allow-origin", "https://a.example", "--allow-origin", "https://b.example", "--docs", "--dtype", "bf16",
-         "--engine", "fp8", "--prompt", "a calm voice", "--session-limit", "600", "--no-batch"])
+         "--engine", "fp8", "--prompt", "a calm voice", "--session-limit", "600", "--no-batch",
+         "--compute-threads", "1"])
     s = spec_from_args(args)
     assert (s.model, s.host, s.port, s.device, s.dtype, s.engine, s.prompt) == \
         ("m", "0.0.0.0", 9, "cuda", "bf16", "fp8", "a calm voice")
     assert s.limits == dataclasses.replace(Limits(), max_sessions=3, docs=True, max_session_seconds=600.0,
-                                           allow_origins=("https://a.example", "https://b.example"), batch=False)
+                                           allow_origins=("https://a.example", "https://b.example"), batch=False,
+                                           compute_threads=1)
     assert s.ray is None
 
     args = build_parser().parse_args(["serve", "--ray", "--autoscale", "1:5", "--sessions-per-replica", "6",
@@ -70,6 +74,7 @@ def test_every_serve_flag_lands_in_the_spec():
     (["serve", "--address", "auto"], "options of --ray"),
     (["serve", "--max-sessions", "0"], "at least 1"),
     (["serve", "--session-limit", "0"], "positive number of seconds"),
+    (["serve", "--compute-threads", "0"], "at least 1"),
 ])
 def test_bad_serve_flags_fail_before_anything_loads(argv, why):
     with pytest.raises(AvatarForcingError, match=why):

@@ -23,6 +23,9 @@ def add(sub) -> None:
     v.add_argument("--no-batch", dest="batch", action="store_false",
                    help="step every session alone (the unbatched baseline); by default the sessions' due blocks "
                         "share one model step")
+    v.add_argument("--compute-threads", type=int, metavar="N",
+                   help="torch threads of the model's thread (default: torch's, one per core). Fewer leave cores to "
+                        "the transport (WebRTC encoders, JPEG, sockets) on a small machine")
     v.add_argument("--allow-origin", action="append", help="a web origin (https://example.org) whose pages may "
                                                            "open streams, besides this server's own page; '*': any")
     v.add_argument("--session-limit", type=float, default=Limits.max_session_seconds, metavar="SECONDS",
@@ -69,10 +72,13 @@ def spec(args) -> ServingSpec:
         from ..model import fast
 
         fast.parse(args.engine)  # a bad name fails here, not in every replica
+    if args.compute_threads is not None and args.compute_threads < 1:
+        raise AvatarForcingError(f"--compute-threads {args.compute_threads}: need at least 1")
     if args.session_limit <= 0:
         raise AvatarForcingError(f"--session-limit {args.session_limit}: need a positive number of seconds")
     limits = Limits(max_sessions=sessions, allow_origins=tuple(args.allow_origin or ()), docs=args.docs,
-                    max_session_seconds=args.session_limit, allow_hosts=allowed_hosts(args), batch=args.batch)
+                    max_session_seconds=args.session_limit, allow_hosts=allowed_hosts(args), batch=args.batch,
+                    compute_threads=args.compute_threads)
     return ServingSpec(model=args.model, device=args.device, dtype=args.dtype, engine=args.engine,
                        host=args.host, port=args.port, limits=limits, ray=ray, **prompt(args))
 

@@ -1,6 +1,7 @@
 """The server's routes: FastAPI, one WebSocket per stream and the page's HTTP endpoints.
 
     /ws: Origin check -> accept -> admission (admission.py) -> 'start' (protocol.py) -> Stream.run (stream.py)
+    /offer: WebRTC, the same checks -> a live session over a peer connection (rtc_route.py, webrtc.py)
     /healthz /metrics /model /identities /prepare /speak /sample.wav /recordings/TOKEN.mp4 /
 
 The wire format is protocol.py (prose: docs/protocol.md).
@@ -31,8 +32,10 @@ from .live import LiveStream
 from .metrics import Metrics
 from .protocol import HTTP_STATUS, ClientError, bounded, parse_json, parse_start, show
 from .recordings import Recordings
+from .rtc_route import add_offer_route
 from .spec import Limits
 from .stream import Stream
+from .webrtc import available as webrtc_available
 from .workers import Workers, prepared_png, speak_wav
 
 STATIC = Path(__file__).parent / "static"
@@ -118,7 +121,7 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
         c = avatar.cfg
         return JSONResponse({"name": c.name, "width": c.codec.width, "height": c.codec.height, "fps": c.codec.fps,
                              "text": bool(c.model.text_dim), "lookahead_ms": avatar.lookahead_ms(),
-                             "about": about(c.name),
+                             "about": about(c.name), "webrtc": webrtc_available(),
                              "max_sessions": limits.max_sessions})
 
     @app.post("/prepare")
@@ -169,9 +172,15 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
             return JSONResponse({"error": "not_found", "message": "no such recording (they expire)"}, 404)
         return Response(data, media_type="video/mp4", headers=headers)
 
+    add_offer_route(app, shared, read_body)  # WebRTC (rtc_route.py, webrtc.py)
+
     @app.api_route("/", methods=["GET", "HEAD"])
     async def index():
         return FileResponse(STATIC / "index.html")
+
+    @app.api_route("/rtc.js", methods=["GET", "HEAD"])
+    async def rtc_js():
+        return FileResponse(STATIC / "rtc.js", media_type="text/javascript")
 
     @app.websocket("/ws")
     async def stream(ws: WebSocket):

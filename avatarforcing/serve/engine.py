@@ -31,6 +31,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from ..engine import Engine
 from .metrics import Metrics
 from .spec import Limits
@@ -66,7 +68,10 @@ class Scheduler:
         self.rate = c.codec.sample_rate
         self.engine = Engine(batch=limits.batch)
         self.metrics = metrics
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="avatarforcing-engine")
+        # torch's thread count is per thread (OpenMP): it is set in the model's own thread, where it applies
+        threads = {} if limits.compute_threads is None else \
+            {"initializer": torch.set_num_threads, "initargs": (limits.compute_threads,)}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="avatarforcing-engine", **threads)
         self.lives: list = []  # attached live feeds (feed.py) with their sessions
         self.pushes: list[_Push] = []
         self.calls: list[_Call] = []

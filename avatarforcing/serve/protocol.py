@@ -32,7 +32,7 @@ FORMATS = {"f32le": ("<f4", 4), "s16le": ("<i2", 2)}  # PCM sample formats: nump
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
 CLOSE_CODES = {"busy": 1013, "shutdown": 1001, "internal": 1011}  # every other error code closes with 1008
-HTTP_STATUS = {"too_large": 413, "unavailable": 503}  # every other error code of an HTTP route is a 400
+HTTP_STATUS = {"too_large": 413, "unavailable": 503, "busy": 503}  # every other error code of an HTTP route is a 400
 
 
 class ClientError(Exception):

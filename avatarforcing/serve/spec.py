@@ -32,11 +32,13 @@ class Limits:
     push_seconds: float = 1.0  # at most this much audio per model push, so frames flow while a backlog drains
     max_speedup: float = 4.0  # a stream is rendered at most this many times faster than real time
     batch: bool = True  # the sessions' due blocks share one model step (False: each alone, the unbatched baseline)
+    compute_threads: int | None = None  # torch threads of the model's (scheduler's) thread; None: torch's default
     max_image_pixels: int = 25_000_000  # checked from the image header, before decoding
     max_text_chars: int = 500  # /speak
     max_speech_seconds: float = 60.0  # /speak: longer synthesised speech is refused
     jpeg_quality: int = 85
     late_ms: float = 500.0  # a frame later than this beyond its look-ahead counts in frames_late_total
+    rtc_margin_ms: float = 300.0  # WebRTC: media is sent this long after a frame can first exist (compute's slack)
     allow_origins: tuple[str, ...] = ()  # besides same-host pages and clients sending no Origin; "*": any
     allow_hosts: tuple[str, ...] = ()  # Host header names served (DNS rebinding); empty: any
     docs: bool = False  # /docs, /redoc, /openapi.json

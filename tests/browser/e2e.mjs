@@ -3,8 +3,12 @@
 //   say DIR     type a sentence, "Say it" with recording on: frames arrive, the mouth region moves more than
 //               the forehead (sampled at every drawn frame), and the MP4 download is saved to DIR/recording.mp4
 //   error FILE  upload FILE (not an image) as the portrait: a readable error banner appears
-//   live DIR    conversation mode: frames while silent, a typed sentence moves the mouth, Stop settles it;
-//               a screenshot of the page in conversation mode is saved to DIR/page_live.png
+//   live DIR    conversation mode over the WebSocket: frames while silent, a typed sentence moves the mouth,
+//               Stop settles it; a screenshot of the page in conversation mode is saved to DIR/page_live.png
+//   webrtc WAV  conversation mode over WebRTC (the WAV plays as the microphone): video and audio tracks arrive;
+//               a typed sentence, Stop (interrupt), then the microphone. Records what the browser presents:
+//               per video frame its display time and a coarse image of the mouth region, per 256 audio samples
+//               their time and RMS, and when Stop was pressed; the test (test_webrtc.py) measures from them
 // Prints one JSON line with what it measured; exits non-zero on failure.
 import { chromium } from "playwright-core";
 
@@ -13,6 +17,7 @@ const args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic
   "--disable-background-networking", "--disable-component-update", "--disable-sync",
   "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required"];
 if (flow === "mic") args.push(`--use-file-for-fake-audio-capture=${arg}`);
+if (flow === "webrtc") args.push(`--use-file-for-fake-audio-capture=${arg}%noloop`);
 const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args });
 
 function fail(msg) { throw new Error(msg); }
@@ -43,10 +48,55 @@ const SAMPLER = `(() => {
     set: (v) => { const moved = v > drawn; drawn = v; if (v === 0) lastIndex = -1; else if (moved) sample(); } });
 })()`;
 
+// What the browser presents over WebRTC: every video frame (rVFC: its expected display time, the mouth region
+// of the 128x128 frame averaged to 8x7 luma cells) and the received audio (WebAudio on the same stream: RMS of
+// every 256 samples, timed on the page's performance clock). Times are ms on performance.now().
+const RECORDER = `(() => {
+  const video = document.getElementById("rtcview");
+  const c = document.createElement("canvas"); c.width = 128; c.height = 128;
+  const g = c.getContext("2d", { willReadFrequently: true });
+  const rec = window.rtcRecord = { video: [], audio: [], marks: {}, stats: [] };
+  setInterval(() => { if (window.avatarStats) rec.stats.push(window.avatarStats); window.avatarStats = null; }, 100);
+  const onFrame = (now, md) => {
+    g.drawImage(video, 0, 0, 128, 128);
+    const d = g.getImageData(48, 62, 32, 28).data, cells = new Array(56).fill(0);
+    for (let y = 0; y < 28; y++) for (let x = 0; x < 32; x++) {
+      const i = 4 * (y * 32 + x), cell = Math.floor(y / 4) * 8 + Math.floor(x / 4);
+      cells[cell] += (0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2]) / 16;
+    }
+    rec.video.push([md.expectedDisplayTime, cells.map((v) => Math.round(v * 10) / 10)]);
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+  const ctx = new AudioContext();
+  const src = ctx.createMediaStreamSource(video.srcObject);
+  const proc = ctx.createScriptProcessor(256, 1, 1);
+  proc.onaudioprocess = (e) => {
+    const x = e.inputBuffer.getChannelData(0), n = x.length, sr = e.inputBuffer.sampleRate;
+    let s = 0, first = -1;
+    for (let i = 0; i < n; i++) { s += x[i] * x[i]; if (first < 0 && Math.abs(x[i]) > 0.02) first = i; }
+    const end = performance.now();
+    rec.audio.push([end - 1000 * n / sr, Math.sqrt(s / n), first < 0 ? null : end - 1000 * (n - first) / sr]);
+  };
+  src.connect(proc); proc.connect(ctx.destination);
+  window.rtcAudioContext = ctx;
+  // the audio as Chrome plays it out: per polled 10 ms frame, its playout time and level (RTP source info)
+  const receiver = window.avatarRtc.pc.getReceivers().find((r) => r.track.kind === "audio");
+  rec.playout = []; let lastPlayed = -1;
+  setInterval(() => {
+    for (const src of receiver.getSynchronizationSources()) {
+      if (src.timestamp === lastPlayed) continue;
+      lastPlayed = src.timestamp;
+      rec.playout.push([src.timestamp - performance.timeOrigin, src.audioLevel || 0]);
+    }
+  }, 4);
+})()`;
+
 try {
   const page = await browser.newPage({ viewport: { width: 390, height: 844 } });  // a phone-sized screen
   page.on("console", (m) => console.log("page:", m.text()));
-  await page.goto(url);
+  // the WebSocket flows keep the WebSocket conversation (the page prefers WebRTC when the server has it)
+  await page.goto(flow === "webrtc" ? url : `${url}?websocket`);
   await page.waitForFunction(() => document.querySelectorAll("#identities button").length > 0);
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
   if (overflow) fail("the page is wider than a phone screen");
@@ -85,6 +135,37 @@ try {
     if (silent.n < 30) fail(`only ${silent.n} frames while silent`);
     if (!(speaking.mouth > 1.5 * settled.mouth)) fail(`the mouth did not settle: ${speaking.mouth} then ${settled.mouth}`);
     if (after.speaking) fail("still speaking after Stop");
+  } else if (flow === "webrtc") {
+    await page.click("#identities button");  // conversation mode: starts at once, over WebRTC
+    await page.waitForFunction(() => (window.avatarFramesDrawn || 0) >= 25, null, { timeout: 60000 });
+    const started = await page.evaluate(() => ({ video: !!document.getElementById("rtcview").srcObject,
+      tracks: document.getElementById("rtcview").srcObject.getTracks().map((t) => t.kind).sort() }));
+    await page.evaluate(RECORDER);
+    await page.waitForTimeout(5000);  // silence first (the speech onset is an event after silence); the sync settles
+    // each step waits for what the browser plays, not for a fixed time: a loaded machine renders late
+    const heard = (after, loud = true) => page.waitForFunction(([t, loud]) => {
+      const p = window.rtcRecord.playout.filter(([pt]) => pt > t);
+      if (loud) return p.some(([, level]) => level > 0.01);
+      const last = p.filter(([, level]) => level > 0.01).map(([pt]) => pt).reduce((a, b) => Math.max(a, b), t);
+      return performance.now() - last > 1500;  // 1.5 s without a loud frame
+    }, [after, loud], { timeout: 60000, polling: 50 });
+    let t = await page.evaluate(() => performance.now());
+    await page.fill("#text", "Hello there. My mouth opens and closes while I read this sentence aloud to you.");
+    await page.click("#say");
+    await heard(t);
+    await page.waitForTimeout(1500);
+    t = await page.evaluate(() => { window.rtcRecord.marks.stop = performance.now(); return window.rtcRecord.marks.stop; });
+    await page.click("#stop");  // interrupt over the data channel
+    await heard(t, false);
+    t = await page.evaluate(() => { window.rtcRecord.marks.mic = performance.now(); return window.rtcRecord.marks.mic; });
+    await page.click("#mic");  // the fake microphone (its WAV starts with silence) becomes the voice
+    await heard(t);
+    await page.waitForTimeout(2000);
+    const stats = await page.evaluate(() => ["s-speech", "s-late", "s-mode"].map((id) => document.getElementById(id).textContent));
+    const rec = await page.evaluate(() => window.rtcRecord);
+    const frames = await page.evaluate(() => window.avatarFramesDrawn);
+    console.log(JSON.stringify({ flow, started, frames, stats, record: rec }));
+    if (started.tracks.join() !== "audio,video") fail(`tracks: ${started.tracks}`);
   } else if (flow === "say") {
     await page.evaluate(SAMPLER);
     await page.uncheck("#converse");  // the one-shot flow: a sentence streamed as a file, recorded
