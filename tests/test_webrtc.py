@@ -252,6 +252,16 @@ def mouth_onset(times_ms, cells, at_ms):
     return float(times_ms[near][np.argmax(d > noise + 0.5 * (peak - noise))])
 
 
+def shown(times_ms, cells, new, old, expected_ms, search_ms=400.0):
+    """When the browser first showed the server's frame ``new`` (the one after ``old``): the first presented
+    frame within ``search_ms`` of ``expected_ms`` that is closer to ``new`` than to ``old``. Both sides then refer
+    to the same frame, whatever a detector would make of the browser's (compressed, sometimes dropped) frames."""
+    for t, c in zip(times_ms, cells):
+        if abs(t - expected_ms) <= search_ms and np.abs(np.subtract(c, new)).sum() < np.abs(np.subtract(c, old)).sum():
+            return float(t)
+    raise AssertionError(f"the server's frame at {expected_ms:.0f} ms was never shown")
+
+
 def mouth_cells(image):
     """The browser recorder's features of one frame: luma of the region x 48-79, y 62-89 in 4x4 cells."""
     y = image[62:90, 48:80].astype(float) @ np.array([0.299, 0.587, 0.114])
@@ -275,8 +285,9 @@ def sync_report(rec, sent, fps=25, rate=16000):
     s_c = [mouth_cells(img) for _, img, _ in sent]
     events = []
     for b, s in zip(b_onsets, s_onsets):
-        browser = mouth_onset(v_t, v_c, b) - b
-        made = mouth_onset(s_t, s_c, s) - s
+        made = mouth_onset(s_t, s_c, s) - s  # the frame that opens the mouth, on the server's clock
+        k = int(np.searchsorted(s_t, s + made))
+        browser = shown(v_t, v_c, s_c[k], s_c[k - 1], b + made) - b
         events.append({"browser_ms": round(browser, 1), "server_ms": round(made, 1),
                        "av_offset_ms": round(browser - made, 1)})
     stop, mic = rec["marks"]["stop"], rec["marks"]["mic"]
