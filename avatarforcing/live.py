@@ -170,6 +170,14 @@ class LiveSession:
         """End the stream: what is committed comes out (the window drains)."""
         return self.emit(self.session.close())
 
+    def close_step(self) -> list[LiveFrame]:
+        """One model step of ``close``; ``closed`` once everything has come out."""
+        return self.emit(self.session.close_step())
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
+
     # ------------------------------------------------------------------ internals
 
     def _frame_sample(self, frame: int) -> int:

@@ -160,14 +160,26 @@ class Session:
 
     def close(self) -> list[np.ndarray]:
         """Finish the stream: pad the last block with silence, drain the window, trim to the audio length."""
+        out = []
+        while not self.closed:
+            out += self.close_step()
+        return out
+
+    def close_step(self) -> list[np.ndarray]:
+        """One model step of ``close`` (the last blocks, padded, one at a time; then the window's drain, one step
+        at a time): a server steps a closing stream between the other streams' steps, never all at once.
+        ``closed`` once everything has come out."""
         if self.closed:
             return []
-        out = self.run(final=True)
+        out = self.take_pending()
         t0 = time.perf_counter()
-        latents = self.sampler.drain()
+        if (rows := self.next_block(final=True)) is not None:
+            latents = self.sampler.push(rows)
+        else:
+            latents = self.sampler.drain_step()
+            self.closed = self.sampler.empty
         self.account(self._elapsed(t0))
         out += self.decode(latents)
-        self.closed = True
         return self._trim(out, self.framing.total(self.received))
 
     def mute(self, start: int) -> None:

@@ -154,3 +154,37 @@ def test_compute_threads_apply_in_the_models_own_thread():
 
     for n in (1, 2):
         assert asyncio.run(threads(n)) == n
+
+
+def test_a_drain_takes_one_model_step_per_iteration_and_equals_close():
+    """A stream's end drains its window between the other streams' steps (one step of it per iteration), and
+    its last frames are what ``close`` makes."""
+    import time
+
+    from avatarforcing.serve.engine import Scheduler, _Drain
+    from avatarforcing.serve.metrics import Metrics
+    from avatarforcing.serve.spec import Limits
+
+    avatar = Avatar.random(tiny_cfg())
+    twins = []
+    for _ in range(2):
+        s = avatar.session(_image(0), seed=4)
+        s.feed(speech(1.0))
+        s.run()
+        twins.append(s)
+    expected = np.concatenate(twins[0].close())
+    sched = Scheduler(avatar, Limits(), Metrics())
+    other = avatar.session(_image(1), seed=1)
+    job, iterations = _Drain(twins[1], None), 0
+    other_job_t = time.monotonic() - 10.0
+    from avatarforcing.serve.engine import _Push
+
+    push = _Push(other, speech(10.0), None, t_start=other_job_t)  # a real-time neighbour with blocks ready
+    while not twins[1].closed:
+        before = other.blocks_in
+        sched._iteration([], [push], [job])
+        iterations += 1
+        assert other.blocks_in == before + 1  # the neighbour got its step in every iteration of the drain
+    sched.close()
+    assert iterations >= avatar.cfg.stream.window_blocks - 1  # one step at a time, not the window at once
+    np.testing.assert_array_equal(np.concatenate(job.frames), expected)

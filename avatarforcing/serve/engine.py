@@ -3,11 +3,12 @@ together (``engine.Engine``), live streams first.
 
     live session    attach(feed) once (feed.py: a WebSocket's or a WebRTC peer's); every tick the scheduler
                     applies its inbox (push, segment_end, interrupt), advances its clock and hands it (frames,
-                    events, samples taken) in its outbox; detach(feed); a drain on 'end' goes through call()
+                    events, samples taken) in its outbox; detach(feed); on 'end': await drain(live) -> its last
+                    frames, the window drained one model step per iteration (between the other streams' steps)
     offline stream  await push(session, pcm, t_start) -> frames: fed at once, then one of its blocks per
                     scheduler iteration, batched with everything else due; a stream whose audio came ahead of its
                     wall clock (sent faster than real time) only takes iterations no real-time stream needs
-    anything else   await call(fn): runs in the scheduler thread between iterations (a stream's close)
+    anything else   await call(fn): runs in the scheduler thread between iterations
 
 One iteration: every attached live stream's clock advances; every session with a ready block (live or
 offline) gives one block, and they are stepped as one batched window step (``Engine.run``); the frames go out;
@@ -54,6 +55,14 @@ class _Push:
 
 
 @dataclass
+class _Drain:
+    live: object  # a live.LiveSession (detached) or a session.Session: its end, one model step per iteration
+    future: asyncio.Future
+    frames: list = field(default_factory=list)
+    error: Exception | None = None  # its own failure (handed to its stream alone)
+
+
+@dataclass
 class _Call:
     fn: object
     future: asyncio.Future
@@ -75,6 +84,7 @@ class Scheduler:
         self.lives: list = []  # attached live feeds (feed.py) with their sessions
         self.pushes: list[_Push] = []
         self.calls: list[_Call] = []
+        self.drains: list[_Drain] = []
         self.epoch: float | None = None  # the block grid's origin (monotonic seconds)
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -100,6 +110,15 @@ class Scheduler:
         """An offline stream's audio (the stream started at ``t_start``, monotonic) -> the frames it made."""
         job = _Push(session, pcm, asyncio.get_running_loop().create_future(), t_start)
         self.pushes.append(job)
+        self._kick()
+        return await job.future
+
+    async def drain(self, live) -> list:
+        """A stream's end (a live session detached first, or an offline session): its last frames, made one model
+        step per iteration (``close_step``), so the other streams wait at most one step for it, never the whole
+        window."""
+        job = _Drain(live, asyncio.get_running_loop().create_future())
+        self.drains.append(job)
         self._kick()
         return await job.future
 
@@ -135,11 +154,11 @@ class Scheduler:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.lives or self.pushes or self.calls:
+        while self.lives or self.pushes or self.calls or self.drains:
             self.wake.clear()
             t0 = time.monotonic()
             calls, self.calls = self.calls, []
-            lives, pushes = list(self.lives), list(self.pushes)
+            lives, pushes, drains = list(self.lives), list(self.pushes), list(self.drains)
             for job in calls:
                 try:
                     result = await loop.run_in_executor(self.pool, job.fn)
@@ -148,7 +167,7 @@ class Scheduler:
                 else:
                     _settle(job.future, result)
             try:
-                results, error, more = await loop.run_in_executor(self.pool, self._iteration, lives, pushes)
+                results, error, more = await loop.run_in_executor(self.pool, self._iteration, lives, pushes, drains)
             except Exception as e:  # noqa: BLE001 - a fault of the scheduler itself: every stream of it fails
                 log.error("scheduler iteration failed", exc_info=e)
                 results, error, more = [e] * len(lives), e, False
@@ -161,7 +180,11 @@ class Scheduler:
                 elif job.done:
                     self.pushes.remove(job)
                     _settle(job.future, job.frames)
-            if self.pushes or self.calls or more:
+            for job in drains:
+                if error is not None or job.error is not None or job.live.closed:
+                    self.drains.remove(job)
+                    _settle(job.future, job.frames, job.error or error)
+            if self.pushes or self.calls or self.drains or more:
                 continue  # the next step starts now; the streams send these frames while it runs
             if self.lives:
                 try:
@@ -171,10 +194,12 @@ class Scheduler:
 
     # ---------------------------------------------------------------- one iteration (scheduler thread)
 
-    def _iteration(self, lives: list, pushes: list[_Push]) -> tuple[list, Exception | None, bool]:
-        """One round: at most one block of every session. Returns each live stream's (frames, events, samples
-        taken) or the exception it raised, an error that failed the whole step (handed to every push of it), and
-        whether a live session may have more blocks due (it is behind: the next iteration follows at once)."""
+    def _iteration(self, lives: list, pushes: list[_Push], drains: list[_Drain] = ()) -> \
+            tuple[list, Exception | None, bool]:
+        """One round: at most one block of every session, one step of every draining one. Returns each live
+        stream's (frames, events, samples taken) or the exception it raised, an error that failed the whole step
+        (handed to every push of it), and whether a live session may have more blocks due (it is behind: the next
+        iteration follows at once)."""
         now = time.monotonic()
         prepared = []
         for feed, live in lives:
@@ -201,6 +226,11 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - fails every stream of the step
             return [e] * len(lives), e, False
         self._count(rounds)
+        for job in drains:
+            try:
+                job.frames += job.live.close_step()
+            except Exception as e:  # noqa: BLE001 - this stream's own failure, handed to it
+                job.error = e
         more = any(s.ready() for s in sessions[:len(live_ok)])
         results: list = list(prepared)
         for i, frames in zip(live_ok, made):

@@ -5,7 +5,7 @@
            clock (started on the scheduler's block grid) and steps the due blocks of every live session in one
            batch; this stream sends what lands in its outbox: each frame (index, pts, its PCM, JPEG), 'state' on
            speaking <-> listening, 'playback_finished' per segment, 'stats' every fps frames
-    end  : detached, the window drains (in the scheduler thread), 'done', close 1000
+    end  : detached, the window drains (one model step per scheduler iteration), 'done', close 1000
 
 A live session is not idle while its client is connected (silence is what it renders); it ends on 'end', a
 disconnect, an error or the wall-clock limit (``max_session_seconds``). When compute falls behind the clock
@@ -103,7 +103,7 @@ class LiveStream(Stream):
                                                      "interrupted": e.interrupted}))
                 if self.ended.is_set() and not feed.inbox:
                     scheduler.detach(feed)
-                    for f in await scheduler.call(self.live.close):
+                    for f in await scheduler.drain(self.live):
                         await self._send_frame(f, due_after)
                     return await self.finish()
         finally:

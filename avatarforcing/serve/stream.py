@@ -220,7 +220,7 @@ class Stream:
                 await self.pace(len(pcm))
                 out = await self.shared.scheduler.push(session, pcm, self.t_start)  # batched with the others' blocks
                 if final:
-                    out += await self.shared.scheduler.call(session.close)
+                    out += await self.shared.scheduler.drain(session)  # one step per iteration
                 await self.emit(out)
                 if final:
                     return await self.finish()

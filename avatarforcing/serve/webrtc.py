@@ -146,7 +146,7 @@ class RtcPeer:
                 self._emit(frames, events)
                 if self.ended and not feed.inbox:
                     scheduler.detach(feed)
-                    self._emit(await scheduler.call(self.live.close), [])
+                    self._emit(await scheduler.drain(self.live), [])
                     self._send({"type": "done", "frames": self.sent})
                     await self._drain_media()
                     return

@@ -59,6 +59,12 @@ class TeacherSampler:
     def drain(self) -> list[Tensor]:
         return self._chunk() if self.pending else []
 
+    drain_step = drain  # the last chunk is one step
+
+    @property
+    def empty(self) -> bool:
+        return not self.pending
+
     def _chunk(self) -> list[Tensor]:
         blocks, self.pending = self.pending, []
         n_new = len(blocks) * self.B

@@ -140,8 +140,17 @@ class WindowSampler:
     def drain(self) -> list[Tensor]:
         out = []
         while self.window:
-            out += self._step()
+            out += self.drain_step()
         return out
+
+    @torch.no_grad()
+    def drain_step(self) -> list[Tensor]:
+        """One step of ``drain`` (no new block): what it emits; nothing once the window is empty."""
+        return self._step() if self.window else []
+
+    @property
+    def empty(self) -> bool:
+        return not self.window
 
     # ----------------------------------------------------------------- internals
 
