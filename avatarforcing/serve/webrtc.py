@@ -118,11 +118,15 @@ class RtcPeer:
         """From the answer to the end: wait for the peer, then stream until something ends the session."""
         scheduler, feed = self.shared.scheduler, self.feed
         try:
-            try:
-                await asyncio.wait_for(self.connected.wait(), self.limits.start_timeout_s)
-            except TimeoutError:
+            waits = [asyncio.ensure_future(e.wait()) for e in (self.connected, self.finished)]
+            await asyncio.wait(waits, timeout=self.limits.start_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if self.finished.is_set():
+                return  # the connection failed or closed before it was up: nothing to stream
+            if not self.connected.is_set():
                 raise ClientError("start_timeout", f"the peer did not connect within "
-                                                   f"{self.limits.start_timeout_s:.0f} s") from None
+                                                   f"{self.limits.start_timeout_s:.0f} s")
             feed.t_start = scheduler.start_time()
             first = self.live.lookahead_ms / 1000 + self.live.block_s  # when a frame can exist, at the earliest
             self.clock.origin = feed.t_start + first + self.limits.rtc_margin_ms / 1000
