@@ -4,7 +4,10 @@
     scheduler thread (engine.py)    advance(live, now): the inbox applied in order, the clock advanced to now;
                                     the scheduler then steps the session and puts (frames, events, samples
                                     taken) -- or the exception it raised -- in the outbox
-    transport (event loop)          awaits the outbox, sends, calls ``took(n)``
+    transport (event loop)          awaits the outbox, sends, calls ``took(n)``; per frame ``note`` counts it
+                                    and gives the 'state' / 'stats' messages both transports send
+
+``open`` makes the session of a live start request (the portrait decoded off the event loop).
 
 The inbox is bounded in audio (``max_live_queue_seconds`` ahead of the clock, ``max_session_seconds`` in all):
 nothing a long session does grows without bound.
@@ -13,12 +16,14 @@ nothing a long session does grows without bound.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 import numpy as np
 
+from ..errors import AvatarForcingError
 from .admission import Pool
-from .protocol import ClientError
+from .protocol import ClientError, StartRequest
 from .spec import Limits
 
 CONTROLS = ("segment_end", "interrupt", "end")
@@ -36,6 +41,46 @@ class LiveFeed:
         self.t_start = 0.0  # the session's media-clock origin (monotonic), set by the transport from the scheduler
         self.received = 0  # samples pushed by the client, in all
         self.buffered = 0  # of those, in the inbox (not yet given to the session)
+        self.state, self.sent, self.late = "listening", 0, 0  # what the client was told; frames sent, late
+
+    @classmethod
+    async def open(cls, shared, req: StartRequest) -> LiveFeed:
+        """The live session of ``req`` (a start request with ``live``) on ``shared``'s model; a bad portrait or
+        prompt is the client's error."""
+        from .stream import checked_image
+
+        avatar, limits = shared.avatar, shared.limits
+
+        def make():  # in a worker thread: a large upload never stalls the event loop
+            image = req.image if isinstance(req.image, np.ndarray) else \
+                checked_image(req.image, limits, avatar.cfg.codec.exif_rotate)
+            return avatar.live(image, seed=req.seed, prompt=req.prompt)
+
+        try:
+            live = await asyncio.get_running_loop().run_in_executor(None, make)
+        except AvatarForcingError as e:
+            raise ClientError("bad_prompt" if req.prompt and "prompt" in str(e) else "bad_image", str(e)) from None
+        return cls(live, limits, shared.pool)
+
+    def note(self, frame, late: bool, metrics, sessions: int) -> tuple[dict | None, dict | None]:
+        """One frame sent (``late``: after its due time): counted; the 'state' message to send before it (on a
+        change) and the 'stats' message after it (every fps frames), or None."""
+        state = "speaking" if frame.speaking else "listening"
+        before = None
+        if state != self.state:
+            self.state = state
+            before = {"type": "state", "state": state, "pts": frame.pts}
+        self.sent += 1
+        self.late += late
+        metrics.add("frames_total")
+        if late:
+            metrics.add("frames_late_total")
+        if self.sent % self.live.fps:
+            return before, None
+        wall = time.monotonic() - self.t_start
+        return before, {"type": "stats", "frames": self.sent, "frames_late": self.late, "clock_s": round(wall, 3),
+                        "pts": frame.pts, "behind_ms": round(1000 * (wall - frame.pts), 1),
+                        "lookahead_ms": self.live.lookahead_ms, "sessions": sessions}
 
     # ------------------------------------------------------------------ the client's side (event loop)
 
@@ -87,3 +132,9 @@ class LiveFeed:
                 live.interrupt()
         live.advance(now - self.t_start)
         return taken
+
+
+def finished_message(e) -> dict:
+    """The 'playback_finished' message of a live.PlaybackFinished."""
+    return {"type": "playback_finished", "segment": e.segment, "position_s": round(e.position_s, 6),
+            "interrupted": e.interrupted}

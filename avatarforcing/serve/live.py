@@ -20,10 +20,9 @@ import asyncio
 import json
 import time
 
-from ..errors import AvatarForcingError
 from .connection import Connection, Shared
-from .feed import LiveFeed
-from .protocol import PROTOCOL, ClientError, StartRequest, decode_pcm, live_frame_message, parse_control
+from .feed import LiveFeed, finished_message
+from .protocol import PROTOCOL, StartRequest, decode_pcm, live_frame_message, parse_control
 from .stream import Stream
 
 
@@ -35,18 +34,11 @@ class LiveStream(Stream):
         self.live = None
         self.feed: LiveFeed | None = None  # what the scheduler steps (feed.py)
         self.ended = asyncio.Event()
-        self.state = "listening"
-        self.late = 0
 
     async def open(self) -> None:
-        avatar, req, loop = self.shared.avatar, self.req, asyncio.get_running_loop()
-        try:  # decoded in the worker: a large upload never stalls the event loop
-            self.live = await loop.run_in_executor(None, lambda: avatar.live(self.portrait(), seed=req.seed,
-                                                                              prompt=req.prompt))
-        except AvatarForcingError as e:
-            raise ClientError("bad_prompt" if req.prompt and "prompt" in str(e) else "bad_image", str(e)) from None
+        self.feed = await LiveFeed.open(self.shared, self.req)
+        self.live = self.feed.live
         self.session = self.live.session
-        self.feed = LiveFeed(self.live, self.limits, self.shared.pool)
 
     async def read(self) -> None:
         """Socket -> the feed's inbox. Only the session's wall-clock limit applies: a connected live client is
@@ -98,9 +90,7 @@ class LiveStream(Stream):
                 for f in frames:
                     await self._send_frame(f, due_after)
                 for e in events:
-                    await self.conn.send(json.dumps({"type": "playback_finished", "segment": e.segment,
-                                                     "position_s": round(e.position_s, 6),
-                                                     "interrupted": e.interrupted}))
+                    await self.conn.send(json.dumps(finished_message(e)))
                 if self.ended.is_set() and not feed.inbox:
                     scheduler.detach(feed)
                     for f in await scheduler.drain(self.live):
@@ -114,21 +104,11 @@ class LiveStream(Stream):
             feed.release()
 
     async def _send_frame(self, f, due_after: float) -> None:
-        state = "speaking" if f.speaking else "listening"
-        if state != self.state:
-            self.state = state
-            await self.conn.send(json.dumps({"type": "state", "state": state, "pts": f.pts}))
+        late = time.monotonic() - self.t_start > f.pts + due_after
+        before, after = self.feed.note(f, late, self.shared.metrics, self.shared.admission.active)
+        if before:
+            await self.conn.send(json.dumps(before))
         await self.conn.send(data=live_frame_message(f.index, f.pts, f.pcm, f.image, self.limits.jpeg_quality))
-        self.sent += 1
-        metrics = self.shared.metrics
-        metrics.add("frames_total")
-        wall = time.monotonic() - self.t_start
-        if wall > f.pts + due_after:
-            self.late += 1
-            metrics.add("frames_late_total")
-        if self.sent % self.codec.fps == 0:
-            await self.conn.send(json.dumps({"type": "stats", "frames": self.sent, "frames_late": self.late,
-                                             "clock_s": round(wall, 3), "pts": f.pts,
-                                             "behind_ms": round(1000 * (wall - f.pts), 1),
-                                             "lookahead_ms": self.live.lookahead_ms,
-                                             "sessions": self.shared.admission.active}))
+        self.sent = self.feed.sent
+        if after:
+            await self.conn.send(json.dumps(after))

@@ -25,9 +25,8 @@ import logging
 import secrets
 import time
 
-from ..errors import AvatarForcingError
 from .connection import Shared
-from .feed import LiveFeed
+from .feed import LiveFeed, finished_message
 from .protocol import ClientError, StartRequest, bounded, decode_pcm, error_message, parse_control, parse_start
 from .rtc_media import MediaClock, avatar_track, discard, read_microphone
 
@@ -74,7 +73,6 @@ class RtcPeer:
         self.finished = asyncio.Event()  # the peer's connection failed or closed, or the session must end
         self.ended = False  # the peer sent 'end': drain, 'done', close
         self.closing = False
-        self.state, self.sent, self.late = "listening", 0, 0
         self.tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ offer -> answer (the /offer request)
@@ -82,17 +80,8 @@ class RtcPeer:
     async def answer(self, sdp: str) -> dict:
         from aiortc import RTCSessionDescription
 
-        avatar, req, loop = self.shared.avatar, self.req, asyncio.get_running_loop()
-        try:  # the portrait is decoded off the event loop
-            from .stream import checked_image
-
-            image = req.image if not isinstance(req.image, bytes) else \
-                await loop.run_in_executor(None, checked_image, req.image, self.limits, avatar.cfg.codec.exif_rotate)
-            self.live = await loop.run_in_executor(None, lambda: avatar.live(image, seed=req.seed,
-                                                                              prompt=req.prompt))
-        except AvatarForcingError as e:
-            raise ClientError("bad_prompt" if req.prompt and "prompt" in str(e) else "bad_image", str(e)) from None
-        self.feed = LiveFeed(self.live, self.limits, self.shared.pool)
+        self.feed = await LiveFeed.open(self.shared, self.req)
+        self.live = self.feed.live
         pc = self.pc
         pc.on("datachannel", self._on_channel)
         pc.on("track", self._on_track)
@@ -151,7 +140,7 @@ class RtcPeer:
                 if self.ended and not feed.inbox:
                     scheduler.detach(feed)
                     self._emit(await scheduler.drain(self.live), [])
-                    self._send({"type": "done", "frames": self.sent})
+                    self._send({"type": "done", "frames": self.feed.sent})
                     await self._drain_media()
                     return
         except Exception as e:  # noqa: BLE001 - the session's end by an error: the peer gets its code
@@ -162,26 +151,16 @@ class RtcPeer:
             await self.close_peer()
 
     def _emit(self, frames, events) -> None:
-        metrics = self.shared.metrics
         for f in frames:
-            state = "speaking" if f.speaking else "listening"
-            if state != self.state:
-                self.state = state
-                self._send({"type": "state", "state": state, "pts": f.pts})
+            late = time.monotonic() > self.clock.origin + self.clock.shift + f.pts  # made after its send time
+            before, after = self.feed.note(f, late, self.shared.metrics, self.shared.admission.active)
+            if before:
+                self._send(before)
             self.clock.put(f.index, f.image, f.pcm)
-            self.sent += 1
-            metrics.add("frames_total")
-            if time.monotonic() > self.clock.origin + self.clock.shift + f.pts:  # made after its send time: late
-                self.late += 1
-                metrics.add("frames_late_total")
-            if self.sent % self.fps == 0:
-                wall = time.monotonic() - self.feed.t_start
-                self._send({"type": "stats", "frames": self.sent, "frames_late": self.late,
-                            "clock_s": round(wall, 3), "pts": f.pts, "behind_ms": round(1000 * (wall - f.pts), 1),
-                            "lookahead_ms": self.live.lookahead_ms, "sessions": self.shared.admission.active})
+            if after:
+                self._send(after)
         for e in events:
-            self._send({"type": "playback_finished", "segment": e.segment, "position_s": round(e.position_s, 6),
-                        "interrupted": e.interrupted})
+            self._send(finished_message(e))
 
     async def _drain_media(self) -> None:
         """After 'end': the queued media goes out (bounded by its length) before the connection closes."""
