@@ -66,16 +66,7 @@ class Stream:
         """The stream ended by an error: the client gets its code (a reference for internal faults)."""
         if self.closing:
             return  # the server closed this stream (shutdown): what failed after that is not an error
-        metrics = self.shared.metrics
-        metrics.add("errors_total")
-        if isinstance(e, ClientError):
-            log.info("client error: %s %s", e.code, bounded(e, 120))
-            await self.close(e.code, str(e))
-        else:  # the client gets a reference, not internals; the log gets the traceback
-            metrics.add("internal_errors_total")
-            ref = secrets.token_hex(4)
-            log.error("internal error in a stream (ref %s)", ref, exc_info=e)
-            await self.close("internal", f"internal server error (ref {ref}, logged)")
+        await self.close(*failure(e, self.shared.metrics))
 
     async def open(self) -> None:
         """The session (and the prompt's context, and the recording) for the 'start' request."""
@@ -244,6 +235,19 @@ class Stream:
             done["recording"] = f"/recordings/{self.token}.mp4"
         await self.conn.send(json.dumps(done))
         await asyncio.wait_for(self.conn.ws.close(1000), timeout=1.0)
+
+
+def failure(e: Exception, metrics) -> tuple[str, str]:
+    """A stream's end by an error, counted and logged: the (code, message) its client gets. A client's mistake is
+    named; an internal fault gets a reference (the log has the traceback), never internals."""
+    metrics.add("errors_total")
+    if isinstance(e, ClientError):
+        log.info("client error: %s %s", e.code, bounded(e, 120))
+        return e.code, str(e)
+    metrics.add("internal_errors_total")
+    ref = secrets.token_hex(4)
+    log.error("internal error in a stream (ref %s)", ref, exc_info=e)
+    return "internal", f"internal server error (ref {ref}, logged)"
 
 
 def checked_image(data: bytes, limits: Limits, exif_rotate: bool = True):

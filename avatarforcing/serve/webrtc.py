@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import time
 
@@ -29,9 +28,9 @@ from .connection import Shared
 from .feed import LiveFeed, finished_message
 from .protocol import ClientError, StartRequest, bounded, decode_pcm, error_message, parse_control, parse_start
 from .rtc_media import MediaClock, avatar_track, discard, read_microphone
+from .stream import failure
 
 MAX_SDP_CHARS = 64 * 1024
-log = logging.getLogger("avatarforcing.serve")
 
 
 def available() -> bool:
@@ -170,16 +169,7 @@ class RtcPeer:
             await asyncio.sleep(0.05)
 
     def _fail(self, e: Exception) -> None:
-        metrics = self.shared.metrics
-        metrics.add("errors_total")
-        if isinstance(e, ClientError):
-            log.info("client error (webrtc): %s %s", e.code, bounded(e, 120))
-            self._send(json.loads(error_message(e.code, str(e))))
-        else:
-            metrics.add("internal_errors_total")
-            ref = secrets.token_hex(4)
-            log.error("internal error in a WebRTC session (ref %s)", ref, exc_info=e)
-            self._send(json.loads(error_message("internal", f"internal server error (ref {ref}, logged)")))
+        self._send(json.loads(error_message(*failure(e, self.shared.metrics))))
 
     # ------------------------------------------------------------------ the peer's events
 
