@@ -1,5 +1,8 @@
 """Numbers you can trust (#30): paired comparisons, a frozen mouth scores r = 0, permutation p-values, the
-frozen-reference row."""
+frozen-reference row, stillness scores gated by lip sync, FID/FVD intervals and a true video FVD, identity drift
+on the face only, a test split of unseen speakers."""
+
+import json
 
 import numpy as np
 import pytest
@@ -56,12 +59,166 @@ def test_permutation_p():
 def test_a_frozen_portrait_gets_its_own_row_and_wins_only_what_rewards_stillness():
     from avatarforcing.eval.longform import markdown_table, run_longform
 
-    res = run_longform("mini", 2, 100, ["avatarforcing", "frozen"], None, None, progress=False)
+    res = run_longform("mini", 2, 100, ["avatarforcing", "frozen", "real"], None, None, progress=False)
+    assert [d["flicker_vs_real"] for d in res["clips_detail"]["real"]] == [1.0, 1.0]  # the real render itself
     frozen, model = res["summary"]["frozen"], res["summary"]["avatarforcing"]
-    assert frozen["lipsync_r"] == 0.0 and "excluded" not in frozen  # counted, at zero
-    assert frozen["flicker_end"] < model["flicker_end"]  # stillness wins flicker ...
-    assert model["lipsync_r"] > frozen["lipsync_r"]  # ... and loses lip sync
+    assert frozen["lipsync_r"] == 0.0 and "lipsync_r" not in frozen.get("excluded", {})  # counted, at zero
+    assert model["lipsync_r"] > frozen["lipsync_r"]  # stillness loses lip sync ...
+    # ... and would win flicker and drift, which therefore count only above the lip-sync floor
+    raw, gen = res["clips_detail"]["frozen"], res["clips_detail"]["avatarforcing"]
+    assert all(not d["above_floor"] and d["flicker_vs_real"] == 0.0 for d in raw)
+    assert all(f["flicker_end"] < g["flicker_end"] for f, g in zip(raw, gen))
+    for k in ("flicker_end", "flicker_vs_real", "identity_drift_end", "colour_drift_background_end"):
+        assert k not in frozen and "lip sync not above" in frozen["excluded"][k]["why"], k
+    assert "flicker_end" not in res["paired"]["frozen"]
     d = res["paired"]["frozen"]["lipsync_r"]
     assert d["clips"] == 2 and d["diff"] < 0
     table = markdown_table(res)
     assert "Sync-C*" in table and "Paired differences against `avatarforcing`" in table
+
+
+def test_gated_scores_count_only_where_their_flag_holds():
+    """Drift-like scores count only on clips whose flag is true, in the summary and in the paired differences
+    (a clip must count in both modes); the summary says how many were left out and why."""
+    gates = {"drift": ("above_floor", "still")}
+    rows = [{"clip": "a", "drift": 0.1, "above_floor": True}, {"clip": "b", "drift": 0.0, "above_floor": False},
+            {"clip": "c", "drift": float("nan"), "above_floor": True}, {"clip": "d", "drift": 0.3}]
+    s = clip_summary(rows, ["drift"], gates=gates)
+    assert s["drift"] == pytest.approx(0.1)  # a only: b is still, c is NaN, d has no flag
+    assert s["excluded"]["drift"] == {"clips": 3, "why": "2 clip(s): still; 1 clip(s): not a finite number (NaN or "
+                                                         "infinite)"}
+    assert clip_summary(rows, ["drift"])["drift"] == pytest.approx((0.1 + 0.0 + 0.3) / 3)  # ungated
+    other = [{"clip": "a", "drift": 0.5, "above_floor": True}, {"clip": "b", "drift": 0.9, "above_floor": True}]
+    d = paired({"base": rows, "m": other}, "base", ["drift"], gates=gates)["m"]["drift"]
+    assert d["clips"] == 1 and d["diff"] == pytest.approx(0.4)
+
+
+def test_frechet_intervals_known_case():
+    """Same distribution as the real clips: a distance near the real-vs-real split, its interval about it; a mean
+    shifted by 1 in one dimension: ~1 more, and the paired difference's interval excludes 0."""
+    from avatarforcing.eval.frechet import frechet_distance, frechet_intervals
+
+    rng = np.random.default_rng(0)
+    real = [rng.normal(0, 1, (50, 3)) for _ in range(16)]
+    same = [rng.normal(0, 1, (50, 3)) for _ in range(16)]
+    shifted = [rng.normal(0, 1, (50, 3)) + np.array([1.0, 0, 0]) for _ in range(16)]
+    fd = frechet_intervals({"same": same, "shifted": shifted}, real, "same", resamples=100)
+    assert fd["value"]["same"] < 0.1 and fd["real_split"] < 0.1
+    assert fd["value"]["shifted"] == frechet_distance(np.concatenate(shifted), np.concatenate(real))
+    assert 0.8 < fd["value"]["shifted"] < 1.5  # 1 + the sample means' own error (real's is -0.1 here)
+    for m in ("same", "shifted"):
+        lo, hi = fd["ci95"][m]
+        assert lo < hi and lo <= fd["value"][m] + 0.05 and hi >= fd["value"][m] - 0.05
+    d = fd["paired"]["shifted"]
+    assert d["clips"] == 16 and d["ci95"][0] > 0.5
+    assert d["diff"] == pytest.approx(fd["value"]["shifted"] - fd["value"]["same"])
+    assert "same" not in fd["paired"]  # the baseline has no difference with itself
+    one = frechet_intervals({"same": same[:1]}, real[:1], "same")
+    assert one["ci95"] == {} and one["real_split"] is None  # one clip: nothing to resample or split
+
+
+def test_a_true_fvd_sees_time_and_fid_does_not(tmp_path):
+    """With a video network (TorchScript, I3D-style [N, 3, T, H, W]) the FVD of a video played backwards is
+    large while its FID is exactly the same as forwards: FID is blind to frame order, FVD must not be."""
+    import torch
+
+    from avatarforcing.eval.frechet import TorchScriptClips, TorchScriptFrames, frechet_distance
+
+    class Motion(torch.nn.Module):  # per window: mean brightness change between consecutive frames
+        def forward(self, x):
+            m = x.mean((1, 3, 4))
+            return m[:, 1:] - m[:, :-1]
+
+    class Colour(torch.nn.Module):  # per frame: mean of each channel
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    torch.jit.trace(Motion(), torch.zeros(1, 3, 8, 32, 32)).save(str(tmp_path / "video.pt"))
+    torch.jit.trace(Colour(), torch.zeros(1, 3, 32, 32)).save(str(tmp_path / "frames.pt"))
+    rng = np.random.default_rng(0)
+    level = np.cumsum(rng.uniform(0, 4, 320)) % 200 + 20  # brightens, then wraps: mostly rising
+    video = np.broadcast_to(level[:, None, None, None], (320, 16, 16, 3)).astype(np.uint8)
+    video = np.clip(video + rng.integers(0, 30, (320, 1, 1, 3)), 0, 255).astype(np.uint8)
+    back = video[::-1].copy()
+    clips, frames = TorchScriptClips(str(tmp_path / "video.pt"), frames=8, size=32), \
+        TorchScriptFrames(str(tmp_path / "frames.pt"), size=32)
+    assert clips(video).shape == (40, 7)
+    assert frechet_distance(frames(back), frames(video)) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(clips(back), clips(video)) > 0.05
+    with pytest.raises(Exception, match="fewer than one 8-frame window"):
+        clips(video[:5])
+
+
+def test_identity_drift_sees_the_face_not_the_background():
+    """A new background and clothes leave identity drift where it was; another face in the same frame moves it.
+    (Planted: without the face mask the background change reads as drift.)"""
+    from avatarforcing.data.corpus import make_clip, reference_frame
+    from avatarforcing.eval.metrics import face_mask, identity_drift
+    from avatarforcing.eval.nets import load_eval_nets
+
+    nets = load_eval_nets()
+    spec, frames, _, _ = make_clip("test", 0, 1234, 2.0)
+    ref = reference_frame(spec, 128)
+    m = face_mask(128, 128)[0, 0].numpy()[..., None]
+    restyled = (frames * m + (255 - frames) * (1 - m)).astype(np.uint8)  # everything outside the face inverted
+    other = make_clip("test", 1, 1234, 2.0)[1]
+    swapped = (other * m + frames * (1 - m)).astype(np.uint8)  # another identity's face in this frame
+    base = np.mean(identity_drift(nets, frames, ref))
+    assert abs(np.mean(identity_drift(nets, restyled, ref)) - base) < 0.2 * base + 1e-3
+    assert np.mean(identity_drift(nets, swapped, ref)) > base + 0.05
+
+
+def test_the_test_split_speaks_with_timbres_training_never_heard():
+    from avatarforcing.data.corpus import TEST_VARIANTS, VARIANTS, make_clip, voices
+    from avatarforcing.data.speech import synthesize
+
+    def timbres(split):
+        return {v.split("+")[1] for v in voices(split)}
+
+    assert timbres("test") == set(TEST_VARIANTS) and not timbres("test") & (timbres("train") | timbres("heldout"))
+    assert not timbres("test") & set(VARIANTS)
+    assert timbres("heldout") <= timbres("train")  # the development split shares timbres (accents differ)
+    for v in TEST_VARIANTS:  # every one exists in espeak-ng's data and speaks
+        assert len(synthesize("Hello there.", voice=f"en+{v}").samples) > 1000, v
+    spec = make_clip("test", 3, 1234, 1.0)[0]
+    assert spec.name == "test-00003" and spec.voice.split("+")[1] in TEST_VARIANTS
+
+
+def test_eval_video_on_a_real_render_frozen_reversed_and_shifted(tmp_path, capsys):
+    """`eval video` on the test split's real render and three videos no metric should reward: the real one
+    follows its speech above the floors; a frozen and a reversed video do not (and the note says their drift and
+    flicker mean nothing); a video 6 frames late is found 6 frames late."""
+    from avatarforcing.cli import main
+    from avatarforcing.data.corpus import make_clip
+    from avatarforcing.data.video import VideoWriter
+
+    _, real, audio, _ = make_clip("test", 2, 1234, 5.0)
+    videos = {"real": real, "frozen": np.repeat(real[:1], len(real), 0), "reversed": real[::-1],
+              "late": np.concatenate([np.repeat(real[:1], 6, 0), real[:-6]])}
+    res = {}
+    for name, frames in videos.items():
+        with VideoWriter(tmp_path / f"{name}.mp4", fps=25, sample_rate=16000) as w:
+            w.add_audio(audio)
+            w.write(np.ascontiguousarray(frames))
+        assert main(["eval", "video", "--video", str(tmp_path / f"{name}.mp4")]) == 0
+        out = capsys.readouterr()
+        res[name] = json.loads(out.out)
+        assert ("say nothing about stability" in out.err) == (not res[name]["above_floor"]), name
+    assert res["real"]["above_floor"] and res["real"]["sync_c_p"] <= 0.05 and res["real"]["offset"] == 0
+    for name in ("frozen", "reversed"):
+        assert not res[name]["above_floor"] and res[name]["sync_c_p"] > 0.05, name
+    assert res["frozen"]["loudness_r"] == 0.0
+    assert res["late"]["offset"] in (-6, 6) and res["late"]["above_floor"]
+
+
+def test_a_bootstrap_resample_from_moments_equals_the_concatenated_rows():
+    from avatarforcing.eval.frechet import _Moments, frechet_distance
+
+    rng = np.random.default_rng(0)
+    clips = [rng.normal(i, 1 + i, (20 + i, 4)) for i in range(5)]
+    pick = [0, 0, 3, 4, 4]
+    rows = np.concatenate([clips[i] for i in pick])
+    mu, cov = _Moments(clips)(np.bincount(pick, minlength=5).astype(float))
+    assert np.allclose(mu, rows.mean(0)) and np.allclose(cov, np.cov(rows, rowvar=False))
+    other = rng.normal(0, 1, (50, 4))
+    assert frechet_distance(rows, other) > 0

@@ -19,7 +19,7 @@ def add(sub) -> None:
     d.add_argument("--clips", type=int, default=16)
     d.add_argument("--seconds", type=float, default=16.0)
     d.add_argument("--size", type=int, default=128)
-    d.add_argument("--split", choices=["train", "heldout"], default="train")
+    d.add_argument("--split", choices=["train", "heldout", "test"], default="train")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=1)
     d.add_argument("--shard-size", type=int, default=16)

@@ -28,11 +28,18 @@ def add(sub) -> None:
     e.add_argument("--audio", help="eval video: the speech (default: the MP4's own audio track)")
     e.add_argument("--reference", help="eval video: the reference portrait (for identity drift)")
     e.add_argument("--syncnet-v2", help="the public SyncNet's syncnet_v2.model: adds LSE-C / LSE-D (not shipped)")
-    e.add_argument("--fid-extractor", help="TorchScript feature extractor for FID/FVD (default: corpus-trained)")
+    e.add_argument("--fid-extractor", help="longform: TorchScript frame network for FID ([N, 3, 299, 299] in [-1, 1] "
+                                           "-> [N, D]; default: the corpus-trained FID*)")
+    e.add_argument("--fvd-extractor", help="longform: TorchScript video network for a true FVD ([N, 3, T, 224, 224] "
+                                           "in [-1, 1] -> [N, D], I3D-style; default: the corpus-trained FVD*)")
+    e.add_argument("--fvd-frames", type=int, default=16, help="longform: frames per window for --fvd-extractor")
+    e.add_argument("--split", choices=["test", "heldout"], default="test",
+                   help="longform: test (unseen speakers; the numbers claims rest on) or heldout (the development "
+                        "split training choices were checked on)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch", type=int, default=1, help="longform: clips per engine run (e.g. 100 on a GPU)")
     e.add_argument("--workers", type=int, default=0, help="longform: processes synthesising clips ahead")
-    e.add_argument("--voices", default="espeak", help="longform: held-out voices, espeak or espeak,flite (flite's "
+    e.add_argument("--voices", default="espeak", help="longform: voices, espeak or espeak,flite (flite's "
                                                      "held-out speaker slt in 40%% of the clips; needs Debian flite)")
     e.add_argument("--first", type=int, default=0, help="longform: first clip index (resume a run cut short)")
     e.add_argument("--deadline-min", type=float, help="longform: stop after the batch that passes this many minutes "
@@ -51,7 +58,8 @@ def run(args) -> int:
                            args.json, args.report, eval_nets=nets_dir, device=args.device,
                            fid_extractor=args.fid_extractor, batch=args.batch, workers=args.workers,
                            deadline_minutes=args.deadline_min, first=args.first, syncnet_v2=args.syncnet_v2,
-                           voices=tuple(args.voices.split(",")))
+                           voices=tuple(args.voices.split(",")), split=args.split,
+                           fvd_extractor=args.fvd_extractor, fvd_frames=args.fvd_frames)
         print(markdown_table(res))
         return 0
     if args.what == "merge":

@@ -30,13 +30,21 @@ from .audio import resample
 from .render import Renderer, sample_identity, sample_motion
 from .visemes import FIELDS, VISEMES, mouth_track
 
-SPLITS = {"train": 0, "heldout": 1}
+# "train": what models learn from. "heldout": unseen identities, sentences and accent-variant pairs; the
+# development split every training choice was checked on. "test": for the final numbers only, with truly unseen
+# speakers: espeak-ng voice variants (timbres) that no other split uses under any accent (TEST_VARIANTS) and
+# flite's held-out speaker; its identities are fresh draws and its sentences come from the held-out bucket.
+SPLITS = {"train": 0, "heldout": 1, "test": 2}
 HELDOUT_FRACTION = 0.2
 LANGS = ["en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
 VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2",
             "klatt3", "klatt4", "Alex", "Andy", "Annie", "Denis", "Gene", "Hugo", "Jacky", "Lee", "Mario",
             "Michael", "Mike", "adam", "anika", "aunty", "belinda", "benjamin", "boris", "caleb", "david", "ed",
             "edward", "iven", "john", "linda", "max", "michel", "norbert", "paul", "pedro", "grandma", "grandpa"]
+# variants of espeak-ng's voice data outside VARIANTS (and not a renamed copy of one, like mike2 or iven2): the
+# test split's timbres, heard by no model trained on the train split
+TEST_VARIANTS = ["Alicia", "Andrea", "Reed", "gustave", "ian", "miguel", "quincy", "robert", "shelby", "steph",
+                 "travis", "victor", "zac", "antonio", "marcelo", "sandro"]
 
 _SUBJ = ["the old man", "my sister", "a small dog", "the teacher", "our neighbour", "the pilot", "a young girl",
          "the doctor", "his brother", "the farmer", "a tall woman", "the baker", "my friend", "the captain",
@@ -81,21 +89,26 @@ def _bucket(text: str) -> str:
 
 
 def voices(split: str) -> list[str]:
+    """espeak-ng voices ("accent+variant") of a split: train and heldout partition the accent-variant pairs of
+    VARIANTS (so a held-out voice's timbre is heard in training under another accent); test uses TEST_VARIANTS."""
+    if split == "test":
+        return [f"{lang}+{v}" for lang in LANGS for v in TEST_VARIANTS]
     pool = [f"{lang}+{v}" for lang in LANGS for v in VARIANTS]
     return [v for v in pool if _bucket("voice:" + v) == split]
 
 
 # flite's voices are four real speakers (kal and kal16 are one man at two sample rates): assigned by hand so
-# the held-out split has a speaker of its own
-FLITE_SPLITS = {"train": ["kal", "kal16", "awb", "rms"], "heldout": ["slt"]}
+# the held-out and test splits have a speaker of their own
+FLITE_SPLITS = {"train": ["kal", "kal16", "awb", "rms"], "heldout": ["slt"], "test": ["slt"]}
 FLITE_SHARE = 0.4  # of a split's clips, when ``voices`` includes flite
 SYNTHESISERS = ("espeak", "flite")
 
 
 def split_sentence(rng: np.random.Generator, split: str) -> str:
+    bucket = "train" if split == "train" else "heldout"  # test sentences: never in training, like heldout's
     while True:
         s = sentence(rng)
-        if _bucket("sentence:" + s) == split:
+        if _bucket("sentence:" + s) == bucket:
             return s
 
 

@@ -1,8 +1,16 @@
-"""The long-form benchmark: held-out clips (unseen identities, voices, sentences), every mode and ablation
-on the same clips and seeds; JSON, a markdown table and per-second drift plots.
+"""The long-form benchmark: unseen clips, every mode and ablation on the same clips and seeds; JSON, a
+markdown table and per-second drift plots.
 
-Clips are synthesised on demand from the held-out split (seed 1234 namespace), so the benchmark needs no
-corpus on disk: ``make_clip("heldout", i, seed, seconds)`` gives audio, ground truth and the reference.
+Clips are synthesised on demand (seed 1234 namespace), so the benchmark needs no corpus on disk:
+``make_clip(split, i, seed, seconds)`` gives audio, ground truth and the reference. ``split``: "heldout", the
+development split every training choice was checked on, or "test", for the numbers a claim rests on (voices of
+timbres no training clip has; data/corpus.py).
+
+What a score may be read as: every comparison is paired (``paired``: per-clip differences against
+``avatarforcing``, clips resampled jointly); drift and flicker count only on clips whose mouth follows its own
+speech above the time-shifted floor (``above_floor``), since a still video scores best on them; flicker is also
+given relative to the clip's real render (``flicker_vs_real``: 1 = as much frame-to-frame change as the real
+video); FID/FVD carry clip-bootstrap intervals and the real-vs-real split value (frechet.py).
 ``batch`` clips run through the engine together and ``workers`` processes synthesise the next clips
 meanwhile: that is what makes 400 clips x every mode fit a few minutes of an accelerator.
 """
@@ -24,7 +32,8 @@ from ..checkpoints import atomic_write
 from ..data.corpus import make_clip, reference_frame
 from ..errors import InputError
 from . import stats
-from .metrics import CorpusFeatures, TorchScriptFeatures, evaluate_video, frechet_distance
+from .frechet import CorpusClips, CorpusFrames, TorchScriptClips, TorchScriptFrames, frechet_intervals
+from .metrics import evaluate_video, flicker
 from .nets import EVAL_WEIGHTS, load_eval_nets
 from .syncnet_v2 import load_syncnet_v2
 
@@ -38,27 +47,34 @@ ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, *VARIANTS
 SCALARS = ["lipsync_r", "viseme_acc", "viseme_majority", "sync_c", "sync_d", "lse_c", "lse_d", "loudness_r",
            "identity_drift_end",
            "identity_drift_first_minute", "colour_drift_face_end", "colour_drift_background_end", "flicker_end",
-           "fid", "fvd", "fps"]
+           "flicker_vs_real", "fid", "fvd", "fps"]
 PER_CLIP = [k for k in SCALARS if k not in ("fid", "fvd", "fps")]  # means over clips, with bootstrap intervals
+# scores a still video wins: counted only on clips whose lip sync beats its floor (metrics.evaluate_video)
+STILLNESS = ["identity_drift_end", "identity_drift_first_minute", "colour_drift_face_end",
+             "colour_drift_background_end", "flicker_end", "flicker_vs_real"]
+GATES = {k: ("above_floor", "lip sync not above its time-shifted floor (or the clip is too short for one): "
+                            "a still mouth's drift is no evidence of stability") for k in STILLNESS}
+SPLITS = ("heldout", "test")
 
 
 def clip_summary(details: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     """Mean over clips of every per-clip score, its 95% bootstrap interval and what was excluded (stats.py)."""
-    return stats.clip_summary(details, PER_CLIP, resamples, seed)
+    return stats.clip_summary(details, PER_CLIP, resamples, seed, gates=GATES)
 
 
 BASELINE = "avatarforcing"  # paired differences are against this mode when it ran
 # how the tables name the scores: the corpus SyncNet's are not the published LSE-C / LSE-D (docs/evaluation.md)
-NAMES = {"lipsync_r": "lip-sync r", "viseme_acc": "viseme acc", "viseme_majority": "viseme majority",
+NAMES = {"flicker_vs_real": "flicker vs real",
+         "lipsync_r": "lip-sync r", "viseme_acc": "viseme acc", "viseme_majority": "viseme majority",
          "sync_c": "Sync-C*", "sync_d": "Sync-D*",
          "lse_c": "LSE-C", "lse_d": "LSE-D", "loudness_r": "loudness r", "fid": "FID*", "fvd": "FVD*"}
 
 
-def _clip(args: tuple[int, int, float, int, tuple[str, ...]]) -> dict:
-    """Held-out clip ``index``: its render, speech, ground truth and reference portrait (picklable, so a process
-    pool can synthesise clips while the model runs)."""
-    index, seed, seconds, size, synthesisers = args
-    spec, real, audio, gt = make_clip("heldout", index, seed, seconds, size=size, synthesisers=synthesisers)
+def _clip(args: tuple[int, str, int, float, int, tuple[str, ...]]) -> dict:
+    """Clip ``index`` of ``split``: its render, speech, ground truth and reference portrait (picklable, so a
+    process pool can synthesise clips while the model runs)."""
+    index, split, seed, seconds, size, synthesisers = args
+    spec, real, audio, gt = make_clip(split, index, seed, seconds, size=size, synthesisers=synthesisers)
     return {"name": spec.name, "voice": spec.voice, "real": real, "audio": audio, "gt": gt,
             "ref": reference_frame(spec, size)}
 
@@ -66,8 +82,9 @@ def _clip(args: tuple[int, int, float, int, tuple[str, ...]]) -> dict:
 class _Clips:
     """Clips by index, synthesised in-process or ahead of time by ``workers`` processes; each clip once."""
 
-    def __init__(self, seed: int, seconds: float, size: int, workers: int, synthesisers: tuple[str, ...]):
-        self.args = (seed, seconds, size, synthesisers)
+    def __init__(self, split: str, seed: int, seconds: float, size: int, workers: int,
+                 synthesisers: tuple[str, ...]):
+        self.args = (split, seed, seconds, size, synthesisers)
         self.pool = None
         if workers > 1:
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
@@ -104,15 +121,20 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                  report_dir: str | Path | None, seed: int = 1234, eval_nets: str | Path = EVAL_WEIGHTS,
                  device: str = "cpu", progress: bool = True, fid_extractor: str | None = None, batch: int = 1,
                  workers: int = 0, deadline_minutes: float | None = None, first: int = 0,
-                 syncnet_v2: str | Path | None = None, voices: tuple[str, ...] = ("espeak",)) -> dict:
-    """Every mode on held-out clips first..clips-1, ``batch`` clips per engine run (``Avatar.generate_batch``).
+                 syncnet_v2: str | Path | None = None, voices: tuple[str, ...] = ("espeak",), split: str = "test",
+                 fvd_extractor: str | None = None, fvd_frames: int = 16) -> dict:
+    """Every mode on clips first..clips-1 of ``split``, ``batch`` clips per engine run (``Avatar.generate_batch``).
 
     Clip i is generated with seed i in every mode. The JSON is rewritten after every batch, so an interrupted
     run leaves the clips done so far; with ``deadline_minutes`` the run stops after the batch that passes it.
     ``syncnet_v2``: path of the public SyncNet's weights, to add LSE-C / LSE-D. ``first`` resumes such a run:
     per-clip results do not depend on how the clips are split into runs (the shuffled-audio partner is defined
-    over all ``clips``); FID/FVD cover the clips of this run only.
+    over all ``clips``); FID/FVD cover the clips of this run only. ``fid_extractor``: a TorchScript frame
+    network for FID; ``fvd_extractor``: a TorchScript video network (I3D-style input, ``fvd_frames`` frames) for
+    a true FVD; by default the corpus-trained extractors (FID* / FVD*, frechet.py).
     """
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
         raise InputError(f"unknown modes {unknown}; expected some of {ALL_MODES}")
@@ -124,10 +146,12 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
     nets = load_eval_nets(eval_nets).to(device)
     lse_net = load_syncnet_v2(syncnet_v2, device) if syncnet_v2 else None
     size = avatar.cfg.codec.height
-    extractor = TorchScriptFeatures(fid_extractor) if fid_extractor else CorpusFeatures(nets)
+    fid_net = TorchScriptFrames(fid_extractor) if fid_extractor else CorpusFrames(nets)
+    fvd_net = TorchScriptClips(fvd_extractor, fvd_frames) if fvd_extractor else CorpusClips(nets)
     acc = {"real_f": [], "real_c": [], "gen_f": {m: [] for m in modes}, "gen_c": {m: [] for m in modes},
-           "per_mode": {m: [] for m in modes}, "gen_s": {m: 0.0 for m in modes}}
-    source = _Clips(seed, frames / 25, size, workers, tuple(voices))
+           "per_mode": {m: [] for m in modes}, "gen_s": {m: 0.0 for m in modes}, "extractors": (fid_net, fvd_net)}
+    real_flicker = {}  # clip index -> mean flicker of its real render over the clip
+    source = _Clips(split, seed, frames / 25, size, workers, tuple(voices))
     groups = [list(range(lo, min(clips, lo + batch))) for lo in range(first, clips, batch)]
     bar = tqdm(total=(clips - first) * len(modes), desc="longform", disable=not progress)
     result: dict = {}
@@ -141,8 +165,9 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
             others = {j: source.get(j)["audio"] for j in set(partners)}
             source.keep_only(groups[g + 1] if g + 1 < len(groups) else [])
             for i in idx:
-                acc["real_f"].append(extractor.frames(data[i]["real"]))
-                acc["real_c"].append(extractor.clips(data[i]["real"]))
+                acc["real_f"].append(fid_net(data[i]["real"]))
+                acc["real_c"].append(fvd_net(data[i]["real"]))
+                real_flicker[i] = float(np.mean(flicker(data[i]["real"])))
             for m in modes:
                 # "shuffled": the method driven by another clip's speech, scored against this clip's own
                 drive = [others[p] for p in partners] if m == "shuffled" else [data[i]["audio"] for i in idx]
@@ -163,15 +188,16 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                 acc["gen_s"][m] += time.perf_counter() - t0
                 for i, video in zip(idx, videos):
                     res = evaluate_video(nets, video, data[i]["audio"], data[i]["ref"], data[i]["gt"], lse_net)
-                    res.update(clip=data[i]["name"], voice=data[i]["voice"], mode=m)
-                    acc["gen_f"][m].append(extractor.frames(video))
-                    acc["gen_c"][m].append(extractor.clips(video))
+                    res.update(clip=data[i]["name"], voice=data[i]["voice"], mode=m,
+                               flicker_vs_real=float(np.mean(res["curves"]["flicker"])) / max(real_flicker[i], 1e-6))
+                    acc["gen_f"][m].append(fid_net(video))
+                    acc["gen_c"][m].append(fvd_net(video))
                     acc["per_mode"][m].append(res)
                     bar.update(1)
             done = idx[-1] + 1
-            result = _result(model, clips, first, done, frames, seed, modes, batch, device, extractor.name, acc,
+            result = _result(model, clips, first, done, frames, seed, modes, batch, device, acc,
                              time.perf_counter() - t_start)
-            result["voices"] = list(voices)
+            result["voices"], result["split"] = list(voices), split
             if len(voices) > 1:  # the same scores per synthesiser (flite clips: the held-out real speaker)
                 result["by_synthesiser"] = {
                     m: {syn: clip_summary(part) for syn in voices
@@ -191,13 +217,23 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
     return result
 
 
-def _result(model, clips, first, done, frames, seed, modes, batch, device, extractor_name, acc, wall_s) -> dict:
+def _result(model, clips, first, done, frames, seed, modes, batch, device, acc, wall_s) -> dict:
     per_mode = acc["per_mode"]
     summary = {m: clip_summary(rs) for m, rs in per_mode.items()}
-    real_f, real_c = np.concatenate(acc["real_f"]), np.concatenate(acc["real_c"])
-    for m in modes:  # distribution distances against the real held-out renders of the same clips
-        summary[m]["fid"] = frechet_distance(np.concatenate(acc["gen_f"][m]), real_f)
-        summary[m]["fvd"] = frechet_distance(np.concatenate(acc["gen_c"][m]), real_c)
+    pairs = stats.paired(per_mode, BASELINE, PER_CLIP, gates=GATES)
+    base = BASELINE if BASELINE in modes else None
+    frechet = {}
+    for key, gen, real in (("fid", "gen_f", "real_f"), ("fvd", "gen_c", "real_c")):
+        # distribution distances against the real renders of the same clips, with clip-bootstrap intervals
+        fd = frechet_intervals(acc[gen], acc[real], base)
+        frechet[key] = {"real_split": fd["real_split"], "resamples": fd["resamples"]}
+        for m in modes:
+            summary[m][key] = fd["value"][m]
+            if m in fd["ci95"]:
+                summary[m]["ci95"][key] = fd["ci95"][m]
+            if m in fd["paired"]:
+                pairs[m][key] = fd["paired"][m]
+    for m in modes:
         if m not in ("real", "frozen"):  # frames generated per second, all streams of a batch together
             summary[m]["fps"] = (done - first) * frames / acc["gen_s"][m]
     curves = {m: {k: np.mean([r["curves"][k] for r in rs], axis=0).tolist() for k in rs[0]["curves"]}
@@ -205,11 +241,12 @@ def _result(model, clips, first, done, frames, seed, modes, batch, device, extra
     return {"model": str(model), "clips": done - first, "first": first, "clips_requested": clips - first,
             "frames": frames, "seed": seed,
             "modes": modes, "batch": batch, "device": device, "wall_s": wall_s,
-            "feature_extractors": {"sync": "corpus-trained SyncNet-style (assets/eval)", "fid_fvd": extractor_name,
+            "feature_extractors": {"sync": "corpus-trained SyncNet-style (assets/eval)",
+                                   "fid": acc["extractors"][0].name, "fvd": acc["extractors"][1].name,
                                    "lipsync": "corpus-trained mouth reader",
-                                   "identity": "corpus-trained IdentityNet"},
-            "summary": summary, "curves_per_second": curves,
-            "paired": stats.paired(per_mode, BASELINE, PER_CLIP), "paired_baseline": BASELINE,
+                                   "identity": "corpus-trained IdentityNet (face region)"},
+            "summary": summary, "curves_per_second": curves, "frechet": frechet,
+            "paired": pairs, "paired_baseline": BASELINE,
             "clips_detail": {m: [{k: v for k, v in r.items() if k != "curves"} for r in rs]
                              for m, rs in per_mode.items()}}
 
@@ -222,7 +259,9 @@ def merge_longform(parts: list[dict]) -> dict:
     (``fid_parts``/``fvd_parts``) and the summary's ``fid``/``fvd`` is their clip-weighted mean.
     """
     parts = sorted(parts, key=lambda r: r.get("first", 0))
-    keys = ("model", "frames", "seed", "modes")
+    keys = ("model", "frames", "seed", "modes", "split")
+    for r in parts:
+        r.setdefault("split", "heldout")  # runs before the test split existed
     for r in parts[1:]:
         if any(r[k] != parts[0][k] for k in keys):
             raise InputError(f"runs differ in {[k for k in keys if r[k] != parts[0][k]]}; cannot merge")
@@ -248,7 +287,7 @@ def merge_longform(parts: list[dict]) -> dict:
     out.update(clips=sum(n), first=0, clips_requested=sum(n), wall_s=sum(r["wall_s"] for r in parts),
                parts=[{"first": r.get("first", 0), "clips": r["clips"], "wall_s": r["wall_s"]} for r in parts],
                summary=summary, curves_per_second=curves, clips_detail=detail,
-               paired=stats.paired(detail, BASELINE, PER_CLIP), paired_baseline=BASELINE)
+               paired=stats.paired(detail, BASELINE, PER_CLIP, gates=GATES), paired_baseline=BASELINE)
     return out
 
 
@@ -271,9 +310,17 @@ def markdown_table(result: dict) -> str:
     if result.get("paired"):
         lines += ["", f"Paired differences against `{result['paired_baseline']}` (same clips and seeds; mean "
                       "[95% bootstrap interval over clips]; * where the interval excludes 0):", "",
-                  stats.paired_markdown(result["paired"], result["paired_baseline"], PER_CLIP, NAMES)]
-    lines += ["", "Sync-C* / Sync-D*: the corpus-trained SyncNet with unit-norm embeddings (distances 0-2), not "
-                  "comparable with published LSE-C / LSE-D; FID* / FVD*: corpus-trained extractors."]
+                  stats.paired_markdown(result["paired"], result["paired_baseline"], [*PER_CLIP, "fid", "fvd"],
+                                        NAMES)]
+    split = {k: v["real_split"] for k, v in result.get("frechet", {}).items() if v.get("real_split") is not None}
+    if split:
+        lines += ["", "Real vs real (the real renders of the even clips against the odd ones: a perfect generator's "
+                      "distance at half this sample): " + ", ".join(f"{NAMES[k]} {v:.3f}" for k, v in split.items())]
+    lines += ["", "Drift and flicker count only clips whose lip sync beats its time-shifted floor (a still video "
+                  "scores best on them); flicker vs real: 1 = the real render's frame-to-frame change.",
+              "Sync-C* / Sync-D*: the corpus-trained SyncNet with unit-norm embeddings (distances 0-2), not "
+              "comparable with published LSE-C / LSE-D; FID* / FVD*: corpus-trained extractors "
+              f"({result['feature_extractors'].get('fid', '')}; {result['feature_extractors'].get('fvd', '')})."]
     return "\n".join(lines)
 
 

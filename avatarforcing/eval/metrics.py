@@ -6,7 +6,6 @@ benchmark of hundreds of clips)."""
 from __future__ import annotations
 
 import functools
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -14,12 +13,20 @@ import torch
 from ..codecs.audio import MelFrontEnd
 from ..config import preset
 from ..errors import InputError
-from .nets import face_crop, mouth_crop, sync_scores
+from .nets import face_crop, mouth_crop, offset_distances, scores_of, sync_scores, windows
 from .stats import pearson, permutation_p
 
 FPS = 25
 RATE = 16000  # audio samples per second, as the eval nets and mini hear it
 MIN_FLOOR_S = 4  # seconds a time-shifted floor needs (shifts of at least 1 s, not past the end)
+# a mouth whose opening as read (0 closed .. 1 fully open) spans less than this over a clip does not move: its
+# correlations are 0, not whatever a video codec's flicker happens to correlate with (a frozen frame through
+# H.264 reads as a tiny step when the encoder settles)
+STILL_OPENING = 0.02
+
+
+def _still(opening: np.ndarray) -> bool:
+    return len(opening) == 0 or float(np.ptp(opening)) < STILL_OPENING
 
 
 def _device(nets) -> torch.device:
@@ -98,6 +105,8 @@ def loudness_sync(opening: np.ndarray, audio: np.ndarray, rate: int = RATE, max_
     frames = np.asarray(audio[: n * spf], np.float64).reshape(n, spf)
     loud = 20 * np.log10(np.sqrt((frames ** 2).mean(1)) + 1e-4)
     mouth = np.asarray(opening[:n], np.float64)
+    if _still(mouth):
+        mouth = np.zeros_like(mouth)  # r = 0 against every shift: never above the floor
 
     def best(level: np.ndarray) -> tuple[float, int]:
         rs = []
@@ -117,7 +126,8 @@ def lip_sync(nets, frames: np.ndarray, gt: dict, readings: tuple | None = None) 
     """Pearson r between the mouth opening read from pixels and the ground truth; viseme accuracy."""
     reg, vis = readings or mouth_readings(nets, frames)
     n = min(len(reg), len(gt["opening"]))
-    r = pearson(reg[:n, 0], np.asarray(gt["opening"][:n]))  # 0 for a mouth that does not move, never NaN
+    opening = reg[:n, 0]
+    r = 0.0 if _still(opening) else pearson(opening, np.asarray(gt["opening"][:n]))  # never NaN
     truth = np.asarray(gt["viseme"][:n])
     acc = float((vis[:n] == truth).mean())
     # what always answering the clip's most common viseme scores: the floor viseme accuracy must beat
@@ -125,15 +135,37 @@ def lip_sync(nets, frames: np.ndarray, gt: dict, readings: tuple | None = None) 
     return {"lipsync_r": r, "viseme_acc": acc, "viseme_majority": majority}
 
 
+# the face in the corpus's portraits (face-centred, render.py): an ellipse about the face with a small margin,
+# as fractions of the frame (centre x, centre y, radius x, radius y)
+FACE_ELLIPSE = (0.50, 0.44, 0.21, 0.28)
+
+
+def face_mask(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[1, 1, H, W]: 1 inside FACE_ELLIPSE, 0 outside, with a 2-pixel soft edge."""
+    cx, cy, rx, ry = FACE_ELLIPSE
+    y = (torch.arange(h, device=device).float() + 0.5) / h
+    x = (torch.arange(w, device=device).float() + 0.5) / w
+    d = ((x[None] - cx) / rx) ** 2 + ((y[:, None] - cy) / ry) ** 2  # < 1 inside
+    edge = 2 / (min(rx * w, ry * h))  # about two pixels in units of d's square root
+    return ((1 - d.sqrt()) / edge + 0.5).clamp(0, 1)[None, None]
+
+
 @torch.no_grad()
 def identity_drift(nets, frames: np.ndarray, reference: np.ndarray) -> list[float]:
-    """Per second: cosine distance between the mean identity embedding of that second and the reference's."""
+    """Per second: cosine distance between the mean identity embedding of that second and the reference's.
+
+    Only the face counts: every frame is shown to the identity net with the reference's pixels outside the
+    face ellipse (the net was trained on whole portraits, so the input keeps that layout), so background,
+    hair outline and clothes changing does not read as identity drift."""
     dev = _device(nets)
-    ref = nets["ident"].embed(face_crop(_tensor(reference[None], dev)))[0]
-    emb = torch.cat([nets["ident"].embed(face_crop(_tensor(frames[i:i + 256], dev)))
+    ref = _tensor(reference[None], dev)
+    mask = face_mask(*ref.shape[-2:], dev)
+    embed = nets["ident"].embed
+    ref_emb = embed(face_crop(ref))[0]
+    emb = torch.cat([embed(face_crop(ref * (1 - mask) + _tensor(frames[i:i + 256], dev) * mask))
                      for i in range(0, len(frames), 256)])
     means = torch.stack([emb[s].mean(0) for s in _seconds(len(frames))])  # [seconds, D]
-    return (1 - torch.nn.functional.cosine_similarity(means, ref[None], dim=1)).double().cpu().tolist()
+    return (1 - torch.nn.functional.cosine_similarity(means, ref_emb[None], dim=1)).double().cpu().tolist()
 
 
 @functools.cache
@@ -162,9 +194,12 @@ def sync_floor(nets, frames: np.ndarray, audio: np.ndarray, shifts: int = 99, se
     if n < MIN_FLOOR_S * FPS:
         return {}
     rng = np.random.default_rng(seed)
-    vals = [sync_scores(nets["sync"], crops, torch.roll(rows, int(k), 0))["sync_c"]
-            for k in rng.integers(FPS, n - FPS, shifts)]
-    observed = sync_scores(nets["sync"], crops, rows)["sync_c"]
+    net = nets["sync"]
+    with torch.no_grad():  # the video's embeddings do not change with the audio's shift: once
+        video = net.embed_video(windows(crops))
+        vals = [scores_of(offset_distances(video, net.embed_audio(windows(torch.roll(rows, int(k), 0)))))["sync_c"]
+                for k in rng.integers(FPS, n - FPS, shifts)]
+        observed = scores_of(offset_distances(video, net.embed_audio(windows(rows))))["sync_c"]
     return {"sync_c_floor95": float(np.percentile(vals, 95)), "sync_c_floor_mean": float(np.mean(vals)),
             "sync_c_p": permutation_p(observed, vals), "sync_c_shifts": shifts}
 
@@ -173,8 +208,10 @@ def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.nd
                    gt: dict | None = None, syncnet_v2=None, floors: bool = False) -> dict:
     """All metrics of one video. Scalars plus per-second curves (``curves``). With ``syncnet_v2`` (the public
     SyncNet, ``eval.syncnet_v2.load_syncnet_v2``) also LSE-C / LSE-D; with ``floors`` also Sync-C's
-    time-shifted floor (10 more Sync-C runs: for one video, not for a benchmark of hundreds). Loudness sync and
-    the floors need ``MIN_FLOOR_S`` seconds (they shift the audio by at least one); shorter clips omit them."""
+    time-shifted floor (99 more Sync-C runs: for one video, not for a benchmark of hundreds). Loudness sync and
+    the floors need ``MIN_FLOOR_S`` seconds (they shift the audio by at least one); shorter clips omit them.
+    ``above_floor``: the mouth follows its own speech's loudness better than 95% of time-shifted versions; the
+    drift and flicker scores of a clip without it say nothing about stability (a still video scores best)."""
     covered = min(len(frames), len(audio) // (RATE // FPS))
     if covered < FPS:  # Sync-C compares windows at +-15 frames
         raise InputError(f"{len(frames)} frames with {len(audio) / RATE:.2f} s of audio cover {covered / FPS:.2f} s; "
@@ -190,6 +227,8 @@ def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.nd
         res.update(lse_scores(syncnet_v2, frames, audio))
     readings = mouth_readings(nets, x)
     res.update(loudness_sync(readings[0][:, 0], audio))
+    if "loudness_r_floor95" in res:  # the drift scores are evidence of stability only for a mouth that talks
+        res["above_floor"] = bool(res["loudness_r"] > res["loudness_r_floor95"])
     if gt is not None:
         res.update(lip_sync(nets, x, gt, readings))
     colour = colour_drift(frames)
@@ -204,68 +243,3 @@ def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.nd
         res[f"{k}_first_minute"] = float(np.mean(first))
         res[f"{k}_first_minute_std"] = float(np.std(first))
     return res
-
-
-# ---------------------------------------------------------------------------- FID / FVD
-
-
-class FeatureExtractor(Protocol):
-    """Frames -> features for FID (``frames``: one row per frame) and FVD (``clips``: one row per short
-    window). Implementations: ``CorpusFeatures`` (default) and ``TorchScriptFeatures`` (any TorchScript
-    module mapping [N, 3, H, W] in [-1, 1] to [N, D], e.g. an Inception traced elsewhere)."""
-
-    name: str
-
-    def frames(self, frames: np.ndarray) -> np.ndarray: ...
-
-    def clips(self, frames: np.ndarray) -> np.ndarray: ...
-
-
-class CorpusFeatures:
-    """The default extractors, trained on the corpus: IdentityNet trunk on faces (FID), the SyncNet-style
-    video stream on 5-frame mouth windows (FVD)."""
-
-    name = "corpus (IdentityNet faces / SyncNet-style video windows)"
-
-    def __init__(self, nets):
-        self.nets = nets
-
-    @torch.no_grad()
-    def frames(self, frames: np.ndarray) -> np.ndarray:
-        dev = _device(self.nets)
-        out = [self.nets["ident"].body(face_crop(_tensor(frames[i:i + 256], dev))) for i in range(0, len(frames), 256)]
-        return torch.cat(out).cpu().numpy()
-
-    @torch.no_grad()
-    def clips(self, frames: np.ndarray) -> np.ndarray:
-        from .nets import windows
-
-        crops = mouth_crop(_tensor(frames, _device(self.nets)))
-        return self.nets["sync"].video(windows(crops)[::5].flatten(1, 2)).cpu().numpy()
-
-
-class TorchScriptFeatures:
-    def __init__(self, path: str, size: int = 299):
-        self.module = torch.jit.load(path, map_location="cpu").eval()
-        self.size = size
-        self.name = f"torchscript:{path}"
-
-    @torch.no_grad()
-    def frames(self, frames: np.ndarray) -> np.ndarray:
-        x = torch.nn.functional.interpolate(_tensor(frames), size=(self.size, self.size), mode="bilinear")
-        return self.module(x).flatten(1).numpy()
-
-    def clips(self, frames: np.ndarray) -> np.ndarray:
-        return self.frames(frames[::4])
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with the trace of the square root from the
-    eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, so eigh is stable)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    mu = a.mean(0) - b.mean(0)
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(sa)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    mid = np.linalg.eigvalsh(root_a @ sb @ root_a)
-    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(mid, 0, None)).sum())

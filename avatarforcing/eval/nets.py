@@ -86,14 +86,9 @@ def windows(x: Tensor, n: int = SYNC_FRAMES) -> Tensor:
     return x.unfold(0, n, 1).movedim(-1, 1)
 
 
-def sync_distances(net: SyncNet, crops: Tensor, rows: Tensor, max_offset: int = 15) -> Tensor:
-    """Mean distance between video and audio embeddings for audio offsets -max..max (SyncNet procedure).
-
-    crops [T, 3, 32, 32]; rows [T, audio_dim]. Offset o compares video window t with audio window t + o.
-    """
-    with torch.no_grad():
-        v = net.embed_video(windows(crops))  # [N, d]
-        a = net.embed_audio(windows(rows))
+def offset_distances(v: Tensor, a: Tensor, max_offset: int = 15) -> Tensor:
+    """Mean distance between video window embeddings ``v`` [N, d] and audio window embeddings ``a`` [N, d] for
+    audio offsets -max..max (SyncNet procedure): offset o compares video window t with audio window t + o."""
     n = min(len(v), len(a))
     dists = []
     for o in range(-max_offset, max_offset + 1):
@@ -102,10 +97,20 @@ def sync_distances(net: SyncNet, crops: Tensor, rows: Tensor, max_offset: int = 
     return torch.stack(dists)
 
 
-def sync_scores(net: SyncNet, crops: Tensor, rows: Tensor, max_offset: int = 15) -> dict:
-    d = sync_distances(net, crops, rows, max_offset)
+def sync_distances(net: SyncNet, crops: Tensor, rows: Tensor, max_offset: int = 15) -> Tensor:
+    """``offset_distances`` of mouth crops [T, 3, 32, 32] and audio rows [T, audio_dim]."""
+    with torch.no_grad():
+        return offset_distances(net.embed_video(windows(crops)), net.embed_audio(windows(rows)), max_offset)
+
+
+def scores_of(d: Tensor, max_offset: int = 15) -> dict:
+    """Sync-D: the smallest mean distance; Sync-C: median - smallest; offset: where the smallest is."""
     i = int(d.argmin())
     return {"sync_d": float(d[i]), "sync_c": float(d.median() - d[i]), "offset": i - max_offset}
+
+
+def sync_scores(net: SyncNet, crops: Tensor, rows: Tensor, max_offset: int = 15) -> dict:
+    return scores_of(sync_distances(net, crops, rows, max_offset), max_offset)
 
 
 # ---------------------------------------------------------------------------- training

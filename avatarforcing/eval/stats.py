@@ -30,18 +30,31 @@ def _ci(values: np.ndarray, rng: np.random.Generator, resamples: int) -> list[fl
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def clip_summary(details: list[dict], keys: list[str], resamples: int = RESAMPLES, seed: int = 0) -> dict:
+Gates = dict[str, tuple[str, str]]  # score -> (a per-clip flag that must be true for it to count, why)
+
+
+def _counts(d: dict, k: str, gates: Gates | None) -> bool:
+    return not gates or k not in gates or bool(d.get(gates[k][0], False))
+
+
+def clip_summary(details: list[dict], keys: list[str], resamples: int = RESAMPLES, seed: int = 0,
+                 gates: Gates | None = None) -> dict:
     """Mean over clips of every per-clip score in ``keys`` (``ci95``: {score: [lo, hi]}, percentile bootstrap
-    over clips, fixed seed); ``excluded``: {score: {"clips": n, "why": ...}} for clips without a finite value."""
+    over clips, fixed seed); ``excluded``: {score: {"clips": n, "why": ...}} for clips without a finite value,
+    or whose flag in ``gates`` is not true (``gates``: {score: (flag, why)})."""
     out: dict = {}
     ci: dict = {}
     excluded: dict = {}
     rng = np.random.default_rng(seed)
     for k in keys:
-        have = [d[k] for d in details if k in d]
-        v = np.array([x for x in have if x is not None and np.isfinite(x)], dtype=float)
-        if len(v) < len(have):
-            excluded[k] = {"clips": len(have) - len(v), "why": "not a finite number (NaN or infinite)"}
+        have = [d for d in details if k in d]
+        gated = [d for d in have if _counts(d, k, gates)]
+        v = np.array([d[k] for d in gated if d[k] is not None and np.isfinite(d[k])], dtype=float)
+        why = [(n, text) for n, text in ((len(have) - len(gated), gates[k][1] if gates and k in gates else ""),
+                                         (len(gated) - len(v), "not a finite number (NaN or infinite)")) if n]
+        if why:
+            excluded[k] = {"clips": len(have) - len(v),
+                           "why": why[0][1] if len(why) == 1 else "; ".join(f"{n} clip(s): {t}" for n, t in why)}
         if not len(v):
             continue
         out[k] = float(v.mean())
@@ -53,9 +66,10 @@ def clip_summary(details: list[dict], keys: list[str], resamples: int = RESAMPLE
 
 
 def paired(details: dict[str, list[dict]], baseline: str, keys: list[str], resamples: int = RESAMPLES,
-           seed: int = 0) -> dict:
+           seed: int = 0, gates: Gates | None = None) -> dict:
     """{mode: {score: {"diff": mean(mode - baseline), "ci95": [lo, hi], "clips": n}}} over the clips both
-    modes scored (matched by ``clip``), for every mode but the baseline."""
+    modes scored (matched by ``clip``; with ``gates``, only clips that count in both), for every mode but the
+    baseline."""
     if baseline not in details:
         return {}
     base = {d["clip"]: d for d in details[baseline]}
@@ -68,6 +82,7 @@ def paired(details: dict[str, list[dict]], baseline: str, keys: list[str], resam
         for k in keys:
             diffs = np.array([d[k] - base[d["clip"]][k] for d in rows
                               if d.get("clip") in base and k in d and k in base[d["clip"]]
+                              and _counts(d, k, gates) and _counts(base[d["clip"]], k, gates)
                               and np.isfinite(d[k]) and np.isfinite(base[d["clip"]][k])], dtype=float)
             if len(diffs):
                 res[k] = {"diff": float(diffs.mean()), "ci95": _ci(diffs, rng, resamples), "clips": int(len(diffs))}

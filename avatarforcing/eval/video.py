@@ -48,6 +48,10 @@ def score_video(video: str | Path, audio: str | Path | None = None, reference: s
                              floors=True)
     except InputError as e:
         raise InputError(f"{video}: {e}") from None
+    if res.get("above_floor") is False:
+        note("the mouth does not follow this speech above its time-shifted floor (loudness r "
+             f"{res['loudness_r']:.3f} <= {res['loudness_r_floor95']:.3f}): identity drift, colour drift and flicker "
+             "say nothing about stability here (a still video scores best on them)")
     if "sync_c_floor95" not in res:
         note(f"{res['frames'] / fps:.1f} s is too short for loudness sync and the floors (they need "
              f"{MIN_FLOOR_S} s); not reported")

@@ -1,0 +1,170 @@
+"""Distribution distances between generated and real videos, with what they can and cannot say.
+
+* FID: Fréchet distance between per-frame features (``frames``: one row per frame). Frame order does not
+  enter it: a video played backwards scores the same.
+* FVD: Fréchet distance between per-clip features (``clips``: one row per short window of frames), from a
+  network that sees time. The default (``CorpusClips``) is the corpus SyncNet's video stream on 5-frame 32x32
+  mouth windows, written FVD*; a true FVD takes a video network with I3D-style input (``TorchScriptClips``:
+  [N, 3, T, H, W] in [-1, 1], 16 frames at 224x224 by default, e.g. an I3D traced elsewhere).
+* ``frechet_intervals``: both are distances between two samples of clips, so they move with the sample: the
+  95% interval comes from resampling clips (the same clip indices for the real set and every mode, so the
+  differences against a baseline are paired), and ``real_split`` is the distance between the real renders of
+  the even and the odd clips: what a perfect generator would score at half this sample size. A distance
+  below it, or a difference whose interval holds 0, is no evidence of anything.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .nets import face_crop, mouth_crop, windows
+
+RESAMPLES = 200  # each resample is a Fréchet distance per mode (covariances and an eigendecomposition)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature samples [N, D]."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return _frechet(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def _frechet(mu_a, sa, mu_b, sb) -> float:
+    """The distance from means and covariances, with the trace of the square root from the eigenvalues of
+    S_a^(1/2) S_b S_a^(1/2) (symmetric, so eigh is stable)."""
+    mu = mu_a - mu_b
+    w, v = np.linalg.eigh(sa)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    mid = np.linalg.eigvalsh(root_a @ sb @ root_a)
+    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(mid, 0, None)).sum())
+
+
+class _Moments:
+    """Per-clip row counts, sums and sums of outer products: the mean and covariance of any multiset of clips
+    (a bootstrap resample) without concatenating their rows."""
+
+    def __init__(self, clips: list[np.ndarray]):
+        self.n = np.array([len(c) for c in clips], np.float64)
+        self.s = np.stack([c.astype(np.float64).sum(0) for c in clips])
+        self.o = np.stack([c.astype(np.float64).T @ c.astype(np.float64) for c in clips])
+
+    def __call__(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = weights @ self.n
+        mu = weights @ self.s / n
+        cov = (np.tensordot(weights, self.o, 1) - n * np.outer(mu, mu)) / (n - 1)
+        return mu, cov
+
+
+def frechet_intervals(gen: dict[str, list[np.ndarray]], real: list[np.ndarray], baseline: str | None,
+                      resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """``gen``: per mode, one feature array per clip (clip i of every mode and of ``real`` is the same clip).
+
+    Returns {"value": {mode: d}, "ci95": {mode: [lo, hi]}, "paired": {mode: {"diff", "ci95", "clips"}} against
+    ``baseline`` (when it is among the modes), "real_split": d(real even clips, real odd clips) or None under
+    two clips, "resamples": n}. Intervals: percentile bootstrap over clips, one draw of clip indices shared by
+    every mode (a resample repeats clips, which raises every distance a little: read the intervals as spread).
+    """
+    n = len(real)
+    value = {m: frechet_distance(np.concatenate(f), np.concatenate(real)) for m, f in gen.items()}
+    moments = {m: _Moments(f) for m, f in gen.items()}
+    real_m = _Moments(real)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in gen}
+    for _ in range(resamples if n > 1 else 0):
+        weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)  # how often each clip
+        r = real_m(weights)
+        for m in gen:
+            draws[m].append(_frechet(*moments[m](weights), *r))
+    out: dict = {"value": value, "ci95": {}, "paired": {}, "resamples": resamples if n > 1 else 0,
+                 "real_split": frechet_distance(np.concatenate(real[0::2]), np.concatenate(real[1::2]))
+                 if n > 1 else None}
+    for m, d in draws.items():
+        if d:
+            out["ci95"][m] = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
+            if baseline in draws and m != baseline:
+                diff = np.array(d) - np.array(draws[baseline])
+                out["paired"][m] = {"diff": value[m] - value[baseline],
+                                    "ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
+                                    "clips": n}
+    return out
+
+
+def _tensor(frames: np.ndarray, device) -> torch.Tensor:
+    x = torch.from_numpy(np.array(frames, np.uint8)).to(device)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class Features(Protocol):
+    """Frames uint8 [T, H, W, 3] -> features [rows, D]: one row per frame (FID) or per window (FVD)."""
+
+    name: str
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray: ...
+
+
+class CorpusFrames:
+    """FID*'s default: the corpus IdentityNet's trunk on the whole (64x64) portrait."""
+
+    name = "corpus IdentityNet (frames)"
+
+    def __init__(self, nets):
+        self.nets = nets
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        dev = next(self.nets.parameters()).device
+        out = [self.nets["ident"].body(face_crop(_tensor(frames[i:i + 256], dev))) for i in range(0, len(frames), 256)]
+        return torch.cat(out).cpu().numpy()
+
+
+class CorpusClips:
+    """FVD*'s default: the corpus SyncNet's video stream on 5-frame mouth windows, every 5th window."""
+
+    name = "corpus SyncNet video stream (5-frame mouth windows)"
+
+    def __init__(self, nets):
+        self.nets = nets
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        crops = mouth_crop(_tensor(frames, next(self.nets.parameters()).device))
+        return self.nets["sync"].video(windows(crops)[::5].flatten(1, 2)).cpu().numpy()
+
+
+class TorchScriptFrames:
+    """Any TorchScript module mapping [N, 3, size, size] in [-1, 1] to [N, D] (e.g. an Inception traced
+    elsewhere): a frame-level distance (FID)."""
+
+    def __init__(self, path: str, size: int = 299):
+        self.module = torch.jit.load(path, map_location="cpu").eval()
+        self.size = size
+        self.name = f"torchscript frames:{path}"
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        x = torch.nn.functional.interpolate(_tensor(frames, "cpu"), size=(self.size, self.size), mode="bilinear")
+        return self.module(x).flatten(1).numpy()
+
+
+class TorchScriptClips:
+    """Any TorchScript video module mapping [N, 3, T, size, size] in [-1, 1] to [N, D] (I3D-style input): the
+    video is cut into non-overlapping windows of ``frames`` frames (a shorter tail is dropped), each resized
+    to ``size``; a true FVD."""
+
+    def __init__(self, path: str, frames: int = 16, size: int = 224, batch: int = 8):
+        self.module = torch.jit.load(path, map_location="cpu").eval()
+        self.frames, self.size, self.batch = frames, size, batch
+        self.name = f"torchscript clips ({frames} frames at {size}x{size}):{path}"
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        n = len(frames) // self.frames
+        if n == 0:
+            raise InputError(f"{len(frames)} frames are fewer than one {self.frames}-frame window")
+        x = torch.nn.functional.interpolate(_tensor(frames[: n * self.frames], "cpu"), size=(self.size, self.size),
+                                            mode="bilinear")
+        x = x.reshape(n, self.frames, 3, self.size, self.size).transpose(1, 2)  # [N, 3, T, H, W]
+        return torch.cat([self.module(x[i:i + self.batch]).flatten(1) for i in range(0, n, self.batch)]).numpy()
