@@ -191,7 +191,18 @@ def soak(avatar: Avatar, nets, minutes: float, seed: int = 0, speech_s: float = 
                          "identity_drift": float(drift[sel].mean()) if sel.any() else None,
                          "identity_drift_ci95": _ci(drift[sel], rng)}
         rows.append(row)
-    return {"minutes": minutes, "pattern": f"{speech_s:g} s speech / {silence_s:g} s silence",
+    # the last minute against the first: a difference with its interval (the two minutes are independent samples,
+    # each resampled on its own), not two intervals that happen to overlap
+    first_last = {}
+    for name, mask in (("listening", ~state), ("speaking", state)):
+        a, b = (opening[(minute == mm) & mask] for mm in (0, int(np.ceil(minutes)) - 1))
+        if len(a) > 1 and len(b) > 1 and minutes > 1:
+            diffs = (b[rng.integers(0, len(b), (2000, len(b)))].mean(1)
+                     - a[rng.integers(0, len(a), (2000, len(a)))].mean(1))
+            first_last[name] = {"mouth_open_diff": float(b.mean() - a.mean()),
+                                "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]}
+    return {"minutes": minutes, "last_minus_first_minute": first_last,
+            "pattern": f"{speech_s:g} s speech / {silence_s:g} s silence",
             "frames": frames_total, "media_s": t,
             "frames_expected": f"{int(t * fps)} minus the look-ahead ({live.lookahead_ms:.0f} ms) and at most a block",
             "frames_lost": 0 if frames_total == live.frames else live.frames - frames_total,
