@@ -1,4 +1,5 @@
-"""``avatarforcing`` command line: generate | stream | serve | train | eval | bench | data | convert | encode-prompt.
+"""``avatarforcing`` command line: generate | stream | serve | livekit-worker | train | eval | bench | data | convert |
+encode-prompt.
 
 Each command is one module here: ``add(sub)`` (its parser) beside ``run(args)`` (its handler); the flags
 several commands share are in ``common.py``.
@@ -10,9 +11,9 @@ import argparse
 import sys
 
 from ..errors import AvatarForcingError
-from . import bench, convert, data, evaluate, generate, prompt, serve, stream, train
+from . import bench, convert, data, evaluate, generate, livekit_worker, prompt, serve, stream, train
 
-COMMANDS = (generate, stream, serve, train, evaluate, bench, data, convert, prompt)
+COMMANDS = (generate, stream, serve, livekit_worker, train, evaluate, bench, data, convert, prompt)
 
 
 def build_parser() -> argparse.ArgumentParser:
