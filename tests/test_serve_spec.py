@@ -29,7 +29,8 @@ def _changed(value):
 
 
 def every_limit_changed() -> Limits:
-    limits = Limits(**{f.name: _changed(f.default) for f in dataclasses.fields(Limits)})
+    limits = Limits(**{f.name: ("stun:stun.example.org:3478",) if f.name == "ice_servers" else _changed(f.default)
+                       for f in dataclasses.fields(Limits)})
     assert all(getattr(limits, f.name) != f.default for f in dataclasses.fields(Limits))
     return limits
 
@@ -48,13 +49,14 @@ def test_every_serve_flag_lands_in_the_spec():
         ["serve", "--model", "m", "--host", "0.0.0.0", "--port", "9", "--max-sessions", "3", "--device", "cuda",
          "--allow-origin", "https://a.example", "--allow-origin", "https://b.example", "--docs", "--dtype", "bf16",
          "--engine", "fp8", "--prompt", "a calm voice", "--session-limit", "600", "--no-batch",
-         "--compute-threads", "1"])
+         "--compute-threads", "1", "--ice-server", "stun:stun.example.org", "--ice-server", "turn:u:p@t.example"])
     s = spec_from_args(args)
     assert (s.model, s.host, s.port, s.device, s.dtype, s.engine, s.prompt) == \
         ("m", "0.0.0.0", 9, "cuda", "bf16", "fp8", "a calm voice")
     assert s.limits == dataclasses.replace(Limits(), max_sessions=3, docs=True, max_session_seconds=600.0,
                                            allow_origins=("https://a.example", "https://b.example"), batch=False,
-                                           compute_threads=1)
+                                           compute_threads=1,
+                                           ice_servers=("stun:stun.example.org", "turn:u:p@t.example"))
     assert s.ray is None
 
     args = build_parser().parse_args(["serve", "--ray", "--autoscale", "1:5", "--sessions-per-replica", "6",
@@ -75,6 +77,7 @@ def test_every_serve_flag_lands_in_the_spec():
     (["serve", "--max-sessions", "0"], "at least 1"),
     (["serve", "--session-limit", "0"], "positive number of seconds"),
     (["serve", "--compute-threads", "0"], "at least 1"),
+    (["serve", "--ice-server", "stun.example.org"], "expected a URL starting with"),
 ])
 def test_bad_serve_flags_fail_before_anything_loads(argv, why):
     with pytest.raises(AvatarForcingError, match=why):

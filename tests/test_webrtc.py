@@ -339,3 +339,57 @@ def test_browser_over_webrtc_plays_video_and_voice_in_sync(tmp_path):
     for e in report["events"]:
         assert abs(e["av_offset_ms"]) <= 160, report
     assert report["interrupt_to_silence_ms"] < 1500, report  # the rest of the sentence (~4 s) is never heard
+
+
+def test_ice_servers_reach_the_servers_peer_and_only_stun_reaches_the_page(capsys):
+    """`serve --ice-server`: the server's peer connection gathers through the STUN server given (a STUN responder
+    here counts its Binding requests), /model tells the page the STUN URL and never the TURN credentials, and a
+    malformed URL is refused at the command line."""
+    from aioice import stun
+
+    from avatarforcing.cli import main
+    from avatarforcing.serve.ice import IceServer, for_browsers
+    from avatarforcing.serve.spec import Limits
+
+    for bad, why in (("http://x", "expected a URL starting with"), ("turn:host:3478", "needs USER:PASSWORD@"),
+                     ("stun:u:p@host", "only TURN servers"), ("turn:user@host", "USER:PASSWORD"), ("stun:", "no host")):
+        with pytest.raises(ValueError, match=why):
+            IceServer.parse(bad)
+    assert IceServer.parse("turn:me:s3cret@turn.example.org:3478?transport=tcp") == \
+        IceServer("turn:turn.example.org:3478?transport=tcp", "me", "s3cret")
+    assert main(["serve", "--ice-server", "turn:nocreds.example.org"]) == 2
+    assert "a TURN server needs USER:PASSWORD@" in capsys.readouterr().err
+
+    class Responder(asyncio.DatagramProtocol):
+        requests = 0
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            req = stun.parse_message(data)
+            Responder.requests += 1
+            res = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
+                               transaction_id=req.transaction_id)
+            res.attributes["XOR-MAPPED-ADDRESS"] = addr
+            self.transport.sendto(bytes(res), addr)
+
+    async def go(port):
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            Responder, local_addr=("127.0.0.1", port))
+        s = Server(Limits(ice_servers=(f"stun:127.0.0.1:{port}", "turn:me:s3cret@127.0.0.1:9")))
+        try:
+            async with httpx.AsyncClient() as c:
+                model = (await c.get(f"{s.url}/model")).json()
+            assert model["ice_servers"] == [{"urls": f"stun:127.0.0.1:{port}"}] and "s3cret" not in json.dumps(model)
+            r, pc, channel, got = await connect(s.url)
+            assert r.status_code == 200, r.text
+            await wait_for(lambda: any(m.get("type") == "ready" for m in got["messages"]))
+            await pc.close()
+        finally:
+            s.close()
+            transport.close()
+
+    asyncio.run(go(free_port()))
+    assert Responder.requests >= 1  # the server's own peer asked the STUN server for its address
+    assert for_browsers(("turn:a:b@h", "stuns:h:5349")) == [{"urls": "stuns:h:5349"}]

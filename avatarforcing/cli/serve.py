@@ -33,6 +33,10 @@ def add(sub) -> None:
     v.add_argument("--allow-host", action="append", metavar="NAME",
                    help="a host name clients may reach this server by (the Host header; DNS rebinding). Default: "
                         "the loopback names and --host when it is one address; any when --host is 0.0.0.0 or ::")
+    v.add_argument("--ice-server", action="append", metavar="URL",
+                   help="WebRTC: a STUN or TURN server for peers behind NAT, stun:HOST[:PORT] or "
+                        "turn:USER:PASSWORD@HOST[:PORT][?transport=udp|tcp] (repeatable; the page is told the STUN "
+                        "ones). Default: host candidates only")
     v.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
     r = v.add_argument_group("Ray Serve (many replicas, GPUs, machines; pip install -e '.[ray]')")
     r.add_argument("--ray", action="store_true", help="serve as a Ray Serve application")
@@ -76,9 +80,12 @@ def spec(args) -> ServingSpec:
         raise AvatarForcingError(f"--compute-threads {args.compute_threads}: need at least 1")
     if args.session_limit <= 0:
         raise AvatarForcingError(f"--session-limit {args.session_limit}: need a positive number of seconds")
-    limits = Limits(max_sessions=sessions, allow_origins=tuple(args.allow_origin or ()), docs=args.docs,
-                    max_session_seconds=args.session_limit, allow_hosts=allowed_hosts(args), batch=args.batch,
-                    compute_threads=args.compute_threads)
+    try:
+        limits = Limits(max_sessions=sessions, allow_origins=tuple(args.allow_origin or ()), docs=args.docs,
+                        max_session_seconds=args.session_limit, allow_hosts=allowed_hosts(args), batch=args.batch,
+                        compute_threads=args.compute_threads, ice_servers=tuple(args.ice_server or ()))
+    except ValueError as e:
+        raise AvatarForcingError(str(e)) from None
     return ServingSpec(model=args.model, device=args.device, dtype=args.dtype, engine=args.engine,
                        host=args.host, port=args.port, limits=limits, ray=ray, **prompt(args))
 

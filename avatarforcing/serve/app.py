@@ -28,6 +28,7 @@ from ..errors import AvatarForcingError
 from ..identities import IDENTITIES, identity_image
 from .admission import Gate, HostAllowList, origin_allowed
 from .connection import Connection, Shared
+from .ice import for_browsers
 from .live import LiveStream
 from .metrics import Metrics
 from .protocol import HTTP_STATUS, ClientError, bounded, parse_json, parse_start, show
@@ -122,7 +123,7 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
         return JSONResponse({"name": c.name, "width": c.codec.width, "height": c.codec.height, "fps": c.codec.fps,
                              "text": bool(c.model.text_dim), "lookahead_ms": avatar.lookahead_ms(),
                              "about": about(c.name), "webrtc": webrtc_available(),
-                             "max_sessions": limits.max_sessions})
+                             "ice_servers": for_browsers(limits.ice_servers), "max_sessions": limits.max_sessions})
 
     @app.post("/prepare")
     async def prepare(request: Request):

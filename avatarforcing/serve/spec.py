@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from .ice import IceServer
+
 
 @dataclass
 class Limits:
@@ -41,6 +43,7 @@ class Limits:
     rtc_margin_ms: float = 300.0  # WebRTC: media is sent this long after a frame can first exist (compute's slack)
     allow_origins: tuple[str, ...] = ()  # besides same-host pages and clients sending no Origin; "*": any
     allow_hosts: tuple[str, ...] = ()  # Host header names served (DNS rebinding); empty: any
+    ice_servers: tuple[str, ...] = ()  # WebRTC STUN / TURN URLs (ice.py); empty: host candidates only
     docs: bool = False  # /docs, /redoc, /openapi.json
     recordings: int = 8  # MP4 recordings kept for download (oldest deleted first)
     recording_ttl_s: float = 600.0
@@ -48,6 +51,9 @@ class Limits:
     def __post_init__(self):
         self.allow_origins = tuple(self.allow_origins)
         self.allow_hosts = tuple(h.lower() for h in self.allow_hosts)
+        self.ice_servers = tuple(self.ice_servers)
+        for url in self.ice_servers:
+            IceServer.parse(url)  # a bad URL is refused here, before any replica starts
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0 and \

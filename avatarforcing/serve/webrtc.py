@@ -26,6 +26,7 @@ import time
 
 from .connection import Shared
 from .feed import LiveFeed, finished_message
+from .ice import rtc_configuration
 from .protocol import ClientError, StartRequest, bounded, decode_pcm, error_message, parse_control, parse_start
 from .rtc_media import MediaClock, avatar_track, discard, read_microphone
 from .stream import failure
@@ -65,7 +66,7 @@ class RtcPeer:
         c = shared.avatar.cfg.codec
         self.fps, self.rate = c.fps, c.sample_rate
         self.id = secrets.token_urlsafe(9)
-        self.pc = RTCPeerConnection()
+        self.pc = RTCPeerConnection(rtc_configuration(self.limits.ice_servers))
         self.clock = MediaClock(c.fps, c.sample_rate)
         self.live = self.feed = self.channel = None
         self.connected = asyncio.Event()

@@ -5,13 +5,15 @@
 "use strict";
 
 class RtcConversation {
-  constructor(video, onMessage) {
-    this.video = video; this.onMessage = onMessage; this.pc = null; this.dc = null; this.audio = null;
+  // iceServers: RTCPeerConnection's (the server's STUN servers, from /model); [] on one network
+  constructor(video, onMessage, iceServers = []) {
+    this.video = video; this.onMessage = onMessage; this.iceServers = iceServers;
+    this.pc = null; this.dc = null; this.audio = null;
   }
 
   // start: the fields of a live 'start' message (identity or image, seed, format)
   async open(start) {
-    const pc = this.pc = new RTCPeerConnection();
+    const pc = this.pc = new RTCPeerConnection({ iceServers: this.iceServers });
     pc.addTransceiver("video", { direction: "recvonly" });
     this.audio = pc.addTransceiver("audio", { direction: "sendrecv" });  // the voice in; a microphone out, later
     const dc = this.dc = pc.createDataChannel("control");
