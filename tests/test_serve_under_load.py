@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import threading
 import time
 import tracemalloc
@@ -95,6 +96,27 @@ def test_a_deep_image_is_converted_without_widening_it_whole():
     # numpy's own allocations: the uint16 source, the uint8 result and one band (~5.7 B/px here, less on larger
     # images); the whole-image float64 copies took about 32
     assert peak < 8 * h * w, f"{peak / (h * w):.1f} bytes a pixel at peak"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures peak RSS through Linux's /proc")
+def test_a_25_megapixel_16_bit_png_decodes_under_150_mb(tmp_path):
+    """The probe's case: a small 16-bit PNG at the pixel cap peaked at ~220 MB over the process (a numpy copy of
+    the source, the source alive beside the RGB copy, an EXIF copy); now its peak is ~125 MB (the source while
+    it is converted, then the 8-bit grey and the RGB image). Measured as the child process's peak RSS growth."""
+    import subprocess
+    import sys
+
+    a = (np.arange(5000 * 5000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(5000, 5000)
+    Image.fromarray(a).save(tmp_path / "big16.png")
+    # peak RSS of the child alone: VmHWM after resetting it (ru_maxrss would carry pytest's own peak across exec)
+    code = ("import sys; from avatarforcing.data.image import load_image\n"
+            "def kb(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
+            "data = open(sys.argv[1], 'rb').read(); open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')\n"
+            "img = load_image(data); assert img.size == (5000, 5000) and img.mode == 'RGB'\n"
+            "print((kb('VmHWM') - base) / 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big16.png")], capture_output=True, text=True,
+                         check=True)
+    assert float(out.stdout) < 150, f"{float(out.stdout):.0f} MB at peak"
 
 
 def test_abrupt_disconnects_are_not_internal_errors(avatar):

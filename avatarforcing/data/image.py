@@ -19,22 +19,33 @@ MAX_PIXELS = 25_000_000  # ~ a 6000 x 4000 photo; larger is refused before decod
 ROWS = 256  # rows converted at a time from a deep (16-bit, 32-bit, float) image
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A deep image (16/32-bit integer or float, one channel) as 8-bit grey ("L"); any other image as it is.
+
+    16-bit integers are scaled by 1/257 (32-bit ones too when they use more than 8 bits), floats in [0, 1] by 255.
+    Converted ROWS rows at a time straight from PIL's pixels: no numpy copy of the whole source, and the result
+    ("L", sharing the uint8 array) is the only full-size allocation."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    lo, hi = img.getextrema()  # PIL's own pass over its pixels: no copy
+    div, mul = 1.0, 1.0
+    if img.mode.startswith("I") and (img.mode.startswith("I;16") or hi > 255):
+        div = 257.0
+    elif img.mode == "F" and hi <= 1.0:
+        mul = 255.0
+    w, h = img.size
+    out = np.empty((h, w), np.uint8)
+    for i in range(0, h, ROWS):
+        band = np.asarray(img.crop((0, i, w, min(h, i + ROWS))))  # a band of rows in its own dtype
+        out[i:i + ROWS] = np.clip(np.round(band.astype(np.float64) / div * mul), 0, 255)
+    return Image.fromarray(out, "L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB from any PIL mode. PIL's own ``convert("RGB")`` clips 16-bit and float pixels at 255 (a 16-bit
     grey PNG comes out nearly white) and drops alpha (whatever colour hides under transparent pixels shows):
-    deep images are scaled to 8 bits (16-bit integers by 1/257, floats in [0, 1] by 255), transparency is laid
-    over white."""
-    if img.mode.startswith("I") or img.mode == "F":
-        src = np.asarray(img)  # its own dtype (uint16 / int32 / float32): no widened copy of the whole image
-        div, mul = 1.0, 1.0
-        if img.mode.startswith("I") and (img.mode.startswith("I;16") or src.max() > 255):
-            div = 257.0
-        elif img.mode == "F" and src.max() <= 1.0:
-            mul = 255.0
-        out = np.empty(src.shape, np.uint8)
-        for i in range(0, len(src), ROWS):  # float64 a band of rows at a time: the peak stays near the source's
-            out[i:i + ROWS] = np.clip(np.round(src[i:i + ROWS].astype(np.float64) / div * mul), 0, 255)
-        img = Image.fromarray(out, "L")
+    deep images go through ``to_8bit``, transparency is laid over white."""
+    img = to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
@@ -80,7 +91,10 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, exif_rotate: b
         raise InputError(f"{name}: image of {w}x{h} pixels is over the limit of {max_pixels / 1e6:.0f} megapixels")
     try:
         img.load()
-        return to_rgb(ImageOps.exif_transpose(img) if exif_rotate else img)
+        img = to_8bit(img)  # a deep source is released here, before the RGB copy is made
+        if exif_rotate:
+            ImageOps.exif_transpose(img, in_place=True)  # no copy of the whole image
+        return to_rgb(img)
     except (OSError, Image.DecompressionBombError, ValueError, SyntaxError):
         raise InputError(f"{name}: the image data is damaged or truncated") from None
 
