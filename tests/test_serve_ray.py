@@ -125,3 +125,28 @@ def test_python_client_unchanged(cluster):
 def test_page_unchanged(cluster, tmp_path):
     out = run_flow(f"http://127.0.0.1:{cluster}/", "say", tmp_path)
     assert out["frames"] >= 25 and np.isfinite(out["motion"]["mouth"])
+
+
+def test_taking_the_deployment_down_tells_open_streams_first(cluster):
+    """Ray's proxy would just cut the sockets: `stop()` first has every replica send its streams the protocol's
+    `shutdown` error frame and close them (1001), as the single-process server does on SIGTERM. Runs last: the
+    deployment refuses new streams afterwards."""
+    from avatarforcing.serve import ray as afray
+
+    ws, ready = _open(cluster)
+    assert ready["type"] == "ready"
+    ws.send(speech(0.5).tobytes())
+    assert afray.announce_shutdown() == []  # every replica that reports has told its streams
+    while True:
+        m = ws.recv(timeout=30)
+        if isinstance(m, str):
+            msg = json.loads(m)
+            if msg["type"] == "error":
+                break
+    assert msg["code"] == "shutdown"
+    from websockets.exceptions import ConnectionClosed
+
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd.code == 1001

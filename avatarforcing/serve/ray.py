@@ -33,6 +33,7 @@ from .spec import RayOptions, ServingSpec
 
 HUB = "avatarforcing-metrics"
 NAMESPACE = "avatarforcing"
+REPORT_S = 1.0  # how often a replica reports its metrics to the hub (and hears of a shutdown)
 
 
 def _ray():
@@ -55,6 +56,8 @@ def hub_actor():
         def __init__(self):
             self.snapshots: dict[str, tuple[float, dict]] = {}
             self.recordings: dict[str, tuple[float, bytes]] = {}
+            self.stopping = False  # the deployment is going down: replicas tell their streams ('shutdown')
+            self.told: set[str] = set()  # replicas that have
 
         def put_recording(self, token: str, data: bytes, keep: int, ttl_s: float) -> None:
             now = time.time()
@@ -67,8 +70,24 @@ def hub_actor():
             item = self.recordings.get(token)
             return item[1] if item else None
 
-        def report(self, replica: str, snapshot: dict) -> None:
+        def report(self, replica: str, snapshot: dict) -> bool:
+            """Keep a replica's snapshot; answer whether the deployment is stopping."""
             self.snapshots[replica] = (time.time(), snapshot)
+            return self.stopping
+
+        def stop(self) -> None:
+            self.stopping = True
+
+        def start(self) -> None:
+            """A new deployment (the hub outlives one that did not stop cleanly)."""
+            self.stopping, self.told = False, set()
+
+        def told_streams(self, replica: str) -> None:
+            self.told.add(replica)
+
+        def not_told(self, max_age_s: float = 10.0) -> list[str]:
+            """Live replicas that have not yet sent their streams the shutdown frame."""
+            return [r for r in self.all(max_age_s) if r not in self.told]
 
         def drop(self, replica: str) -> None:
             self.snapshots.pop(replica, None)
@@ -127,12 +146,19 @@ class AvatarReplica:
         return asgi
 
     async def _report_forever(self) -> None:
+        """Every REPORT_S: this replica's metrics to the hub; when the hub says the deployment is stopping, every
+        open stream gets the protocol's ``shutdown`` frame (Ray's proxy would otherwise just cut the sockets)."""
+        told = False
         while True:
             try:
-                await self.hub.report.remote(self.name, self.server_app.state.snapshot())
+                stopping = await self.hub.report.remote(self.name, self.server_app.state.snapshot())
+                if stopping and not told:
+                    await self.server_app.state.notify_shutdown()
+                    told = True
+                    await self.hub.told_streams.remote(self.name)
             except Exception:  # noqa: BLE001 - metrics must never take a replica down
                 pass
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(REPORT_S)
 
     async def _all_metrics(self) -> dict[str, dict]:
         await self.hub.report.remote(self.name, self.server_app.state.snapshot())
@@ -172,13 +198,30 @@ def start(spec: ServingSpec) -> None:
         else:
             ray.init(namespace=NAMESPACE, num_cpus=r.num_cpus, include_dashboard=False, logging_level="WARNING")
     serve.start(http_options={"host": spec.host, "port": spec.port})
-    hub_actor()
+    ray.get(hub_actor().start.remote())
     serve.run(deployment(spec), name="avatarforcing", route_prefix="/")
 
 
+def announce_shutdown(timeout_s: float = 4 * REPORT_S) -> list[str]:
+    """Have every replica send its open streams the ``shutdown`` frame (within one report period); returns the
+    replicas that had not done so by ``timeout_s``."""
+    ray, _ = _ray()
+    hub = hub_actor()
+    ray.get(hub.stop.remote())
+    deadline = time.monotonic() + timeout_s
+    while (late := ray.get(hub.not_told.remote())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return late
+
+
 def stop() -> None:
+    """Take the deployment down: streams are told first (``shutdown`` frame), then Serve and the hub stop."""
     ray, serve = _ray()
     try:
+        try:
+            announce_shutdown()
+        except Exception:  # noqa: BLE001 - a broken hub must not keep the deployment up
+            pass
         serve.shutdown()
     finally:
         try:
