@@ -103,7 +103,7 @@ def test_frechet_intervals_known_case():
     same = [rng.normal(0, 1, (50, 3)) for _ in range(16)]
     shifted = [rng.normal(0, 1, (50, 3)) + np.array([1.0, 0, 0]) for _ in range(16)]
     fd = frechet_intervals({"same": same, "shifted": shifted}, real, "same", resamples=100)
-    assert fd["value"]["same"] < 0.1 and fd["real_split"] < 0.1
+    assert fd["value"]["same"] < 0.1 and fd["real_split"] < 0.1  # halves of the same distribution
     assert fd["value"]["shifted"] == frechet_distance(np.concatenate(shifted), np.concatenate(real))
     assert 0.8 < fd["value"]["shifted"] < 1.5  # 1 + the sample means' own error (real's is -0.1 here)
     for m in ("same", "shifted"):
@@ -114,7 +114,10 @@ def test_frechet_intervals_known_case():
     assert d["diff"] == pytest.approx(fd["value"]["shifted"] - fd["value"]["same"])
     assert "same" not in fd["paired"]  # the baseline has no difference with itself
     one = frechet_intervals({"same": same[:1]}, real[:1], "same")
-    assert one["ci95"] == {} and one["real_split"] is None  # one clip: nothing to resample or split
+    assert one["ci95"] == {} and one["real_split"] < 0.6  # one clip: nothing to resample; its halves still split
+    # the split is in time, within clips: clips of different "identities" (means) still split to ~0
+    apart = [rng.normal(10 * i, 1, (50, 3)) for i in range(4)]
+    assert frechet_intervals({"m": apart}, apart, "m", resamples=10)["real_split"] < 0.5
 
 
 def test_a_true_fvd_sees_time_and_fid_does_not(tmp_path):

@@ -8,9 +8,11 @@
   [N, 3, T, H, W] in [-1, 1], 16 frames at 224x224 by default, e.g. an I3D traced elsewhere).
 * ``frechet_intervals``: both are distances between two samples of clips, so they move with the sample: the
   95% interval comes from resampling clips (the same clip indices for the real set and every mode, so the
-  differences against a baseline are paired), and ``real_split`` is the distance between the real renders of
-  the even and the odd clips: what a perfect generator would score at half this sample size. A distance
-  below it, or a difference whose interval holds 0, is no evidence of anything.
+  differences against a baseline are paired), and ``real_split`` is the distance between the first and the
+  second half of every clip's real render (the same identities and voices at other moments: what a perfect
+  generator of these clips would score, at half the frames). A distance near it, or a difference whose
+  interval holds 0, is no evidence of anything. (Splitting by clips instead would compare different
+  identities: the corpus features are identity features, and that distance is huge.)
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def _frechet(mu_a, sa, mu_b, sb) -> float:
     return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(mid, 0, None)).sum())
 
 
+def real_split(real: list[np.ndarray]) -> float | None:
+    """The distance between the first and second halves (in time) of every clip's real features: the noise
+    floor of a perfect generator of these clips (None when a clip has fewer than 4 rows to split)."""
+    if min(len(r) for r in real) < 4:
+        return None
+    return frechet_distance(np.concatenate([r[: len(r) // 2] for r in real]),
+                            np.concatenate([r[len(r) // 2:] for r in real]))
+
+
 class _Moments:
     """Per-clip row counts, sums and sums of outer products: the mean and covariance of any multiset of clips
     (a bootstrap resample) without concatenating their rows."""
@@ -63,8 +74,8 @@ def frechet_intervals(gen: dict[str, list[np.ndarray]], real: list[np.ndarray], 
     """``gen``: per mode, one feature array per clip (clip i of every mode and of ``real`` is the same clip).
 
     Returns {"value": {mode: d}, "ci95": {mode: [lo, hi]}, "paired": {mode: {"diff", "ci95", "clips"}} against
-    ``baseline`` (when it is among the modes), "real_split": d(real even clips, real odd clips) or None under
-    two clips, "resamples": n}. Intervals: percentile bootstrap over clips, one draw of clip indices shared by
+    ``baseline`` (when it is among the modes), "real_split": ``real_split(real)``, "resamples": n}.
+    Intervals: percentile bootstrap over clips, one draw of clip indices shared by
     every mode (a resample repeats clips, which raises every distance a little: read the intervals as spread).
     """
     n = len(real)
@@ -79,8 +90,7 @@ def frechet_intervals(gen: dict[str, list[np.ndarray]], real: list[np.ndarray], 
         for m in gen:
             draws[m].append(_frechet(*moments[m](weights), *r))
     out: dict = {"value": value, "ci95": {}, "paired": {}, "resamples": resamples if n > 1 else 0,
-                 "real_split": frechet_distance(np.concatenate(real[0::2]), np.concatenate(real[1::2]))
-                 if n > 1 else None}
+                 "real_split": real_split(real)}
     for m, d in draws.items():
         if d:
             out["ci95"][m] = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]

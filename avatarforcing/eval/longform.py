@@ -64,7 +64,9 @@ def clip_summary(details: list[dict], resamples: int = 2000, seed: int = 0) -> d
 
 BASELINE = "avatarforcing"  # paired differences are against this mode when it ran
 # how the tables name the scores: the corpus SyncNet's are not the published LSE-C / LSE-D (docs/evaluation.md)
-NAMES = {"flicker_vs_real": "flicker vs real",
+NAMES = {"flicker_vs_real": "flicker vs real", "flicker_end": "flicker (end)",
+         "identity_drift_end": "identity drift (end)", "identity_drift_first_minute": "identity drift (1st min)",
+         "colour_drift_face_end": "colour drift face (end)", "colour_drift_background_end": "colour drift bg (end)",
          "lipsync_r": "lip-sync r", "viseme_acc": "viseme acc", "viseme_majority": "viseme majority",
          "sync_c": "Sync-C*", "sync_d": "Sync-D*",
          "lse_c": "LSE-C", "lse_d": "LSE-D", "loudness_r": "loudness r", "fid": "FID*", "fvd": "FVD*"}
@@ -310,12 +312,13 @@ def markdown_table(result: dict) -> str:
     if result.get("paired"):
         lines += ["", f"Paired differences against `{result['paired_baseline']}` (same clips and seeds; mean "
                       "[95% bootstrap interval over clips]; * where the interval excludes 0):", "",
-                  stats.paired_markdown(result["paired"], result["paired_baseline"], [*PER_CLIP, "fid", "fvd"],
-                                        NAMES)]
+                  stats.paired_markdown(result["paired"], result["paired_baseline"],
+                                        [k for k in (*PER_CLIP, "fid", "fvd") if k != "viseme_majority"], NAMES)]
     split = {k: v["real_split"] for k, v in result.get("frechet", {}).items() if v.get("real_split") is not None}
     if split:
-        lines += ["", "Real vs real (the real renders of the even clips against the odd ones: a perfect generator's "
-                      "distance at half this sample): " + ", ".join(f"{NAMES[k]} {v:.3f}" for k, v in split.items())]
+        lines += ["", "Real vs real (the first half of every clip's real render against the second: a perfect "
+                      "generator's distance, at half the frames): "
+                  + ", ".join(f"{NAMES[k]} {v:.3f}" for k, v in split.items())]
     lines += ["", "Drift and flicker count only clips whose lip sync beats its time-shifted floor (a still video "
                   "scores best on them); flicker vs real: 1 = the real render's frame-to-frame change.",
               "Sync-C* / Sync-D*: the corpus-trained SyncNet with unit-norm embeddings (distances 0-2), not "
