@@ -59,8 +59,14 @@ def test_permutation_p():
 def test_a_frozen_portrait_gets_its_own_row_and_wins_only_what_rewards_stillness():
     from avatarforcing.eval.longform import markdown_table, run_longform
 
-    res = run_longform("mini", 2, 100, ["avatarforcing", "frozen", "real"], None, None, progress=False)
+    res = run_longform("mini", 2, 100, ["avatarforcing", "frozen", "real", "reversed", "late"], None, None,
+                       progress=False)
     assert [d["flicker_vs_real"] for d in res["clips_detail"]["real"]] == [1.0, 1.0]  # the real render itself
+    # the real render backwards or 12 frames late: lip sync collapses, and Sync-C*'s offset finds the delay
+    real, back = res["summary"]["real"], res["summary"]["reversed"]
+    assert real["lipsync_r"] > 0.95 and back["lipsync_r"] < 0.5 and res["summary"]["late"]["lipsync_r"] < 0.5
+    assert [abs(d["offset"]) for d in res["clips_detail"]["late"]] == [12, 12]
+    assert "fps" not in res["summary"]["late"]
     frozen, model = res["summary"]["frozen"], res["summary"]["avatarforcing"]
     assert frozen["lipsync_r"] == 0.0 and "lipsync_r" not in frozen.get("excluded", {})  # counted, at zero
     assert model["lipsync_r"] > frozen["lipsync_r"]  # stillness loses lip sync ...

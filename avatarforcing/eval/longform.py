@@ -42,8 +42,13 @@ ABLATIONS = {f"no-{name}": Options.without(name) for name in Options.names()}  #
 VARIANTS = {"release-positions": {"stream.positions": "release"}}
 # "real": the held-out render itself, scored the same way (the ceiling of every metric); "codec": the render
 # through the model's VAE alone (the ceiling of any DiT that generates its latents)
-# "frozen": the reference portrait held still for the clip's length (a video no metric should prefer)
-ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, *VARIANTS, "codec", "real", "frozen"]
+# "frozen": the reference portrait held still for the clip's length; "reversed": the real render played
+# backwards; "late": the real render LATE_FRAMES late (its first frame held): videos no sync metric should prefer
+# to the real one, the checks that a metric sees stillness, time order and offsets
+LATE_FRAMES = 12
+ALL_MODES = ["avatarforcing", "ar", "teacher", "shuffled", *ABLATIONS, *VARIANTS, "codec", "real", "frozen",
+             "reversed", "late"]
+REFERENCE_ROWS = ("real", "frozen", "reversed", "late")  # made from the clip itself, not generated
 SCALARS = ["lipsync_r", "viseme_acc", "viseme_majority", "sync_c", "sync_d", "lse_c", "lse_d", "loudness_r",
            "identity_drift_end",
            "identity_drift_first_minute", "colour_drift_face_end", "colour_drift_background_end", "flicker_end",
@@ -178,6 +183,11 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                     videos = [data[i]["real"] for i in idx]
                 elif m == "frozen":  # the portrait held still: what metrics that reward stillness give it
                     videos = [np.repeat(data[i]["ref"][None], len(data[i]["real"]), 0) for i in idx]
+                elif m == "reversed":
+                    videos = [data[i]["real"][::-1].copy() for i in idx]
+                elif m == "late":
+                    videos = [np.concatenate([np.repeat(data[i]["real"][:1], LATE_FRAMES, 0),
+                                              data[i]["real"][:-LATE_FRAMES]]) for i in idx]
                 elif m == "codec":
                     videos = [avatar.reconstruct(data[i]["real"]) for i in idx]
                 else:
@@ -236,7 +246,7 @@ def _result(model, clips, first, done, frames, seed, modes, batch, device, acc, 
             if m in fd["paired"]:
                 pairs[m][key] = fd["paired"][m]
     for m in modes:
-        if m not in ("real", "frozen"):  # frames generated per second, all streams of a batch together
+        if m not in REFERENCE_ROWS:  # frames generated per second, all streams of a batch together
             summary[m]["fps"] = (done - first) * frames / acc["gen_s"][m]
     curves = {m: {k: np.mean([r["curves"][k] for r in rs], axis=0).tolist() for k in rs[0]["curves"]}
               for m, rs in per_mode.items()}
