@@ -114,7 +114,7 @@ def test_frechet_intervals_known_case():
     assert 0.8 < fd["value"]["shifted"] < 1.5  # 1 + the sample means' own error (real's is -0.1 here)
     for m in ("same", "shifted"):
         lo, hi = fd["ci95"][m]
-        assert lo < hi and lo <= fd["value"][m] + 0.05 and hi >= fd["value"][m] - 0.05
+        assert 0 <= lo < fd["value"][m] < hi  # about the estimate (a percentile interval sat above it)
     d = fd["paired"]["shifted"]
     assert d["clips"] == 16 and d["ci95"][0] > 0.5
     assert d["diff"] == pytest.approx(fd["value"]["shifted"] - fd["value"]["same"])
