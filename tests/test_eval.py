@@ -66,6 +66,10 @@ def test_longform_batched_equals_one_clip_at_a_time(tmp_path):
     assert one["summary"]["avatarforcing"]["fps"] > 0
     lo, hi = one["summary"]["avatarforcing"]["ci95"]["lipsync_r"]
     assert lo <= one["summary"]["avatarforcing"]["lipsync_r"] <= hi
+    # the final result carries FID*/FVD* intervals and their paired differences (intermediate JSONs do not)
+    assert {"fid", "fvd"} <= set(one["summary"]["shuffled"]["ci95"])
+    assert {"fid", "fvd"} <= set(one["paired"]["shuffled"])
+    assert one["frechet"]["fid"]["resamples"] > 0
     # two clips per engine run, clips synthesised by two worker processes: the same videos, the same scores
     two = run_longform("mini", 3, 50, modes, None, None, progress=False, batch=2, workers=2)
 

@@ -32,7 +32,7 @@ from ..checkpoints import atomic_write
 from ..data.corpus import make_clip, reference_frame
 from ..errors import InputError
 from . import stats
-from .frechet import CorpusClips, CorpusFrames, TorchScriptClips, TorchScriptFrames, frechet_intervals
+from .frechet import RESAMPLES, CorpusClips, CorpusFrames, TorchScriptClips, TorchScriptFrames, frechet_intervals
 from .metrics import evaluate_video, flicker
 from .nets import EVAL_WEIGHTS, load_eval_nets
 from .syncnet_v2 import load_syncnet_v2
@@ -207,8 +207,12 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                     acc["per_mode"][m].append(res)
                     bar.update(1)
             done = idx[-1] + 1
+            last = g + 1 == len(groups) or (deadline_minutes is not None
+                                            and time.perf_counter() - t_start > 60 * deadline_minutes)
+            # FID/FVD intervals (hundreds of Fréchet distances) for the final result only; the JSON written
+            # after each earlier batch has the distances without them
             result = _result(model, clips, first, done, frames, seed, modes, batch, device, acc,
-                             time.perf_counter() - t_start)
+                             time.perf_counter() - t_start, resamples=RESAMPLES if last else 0)
             result["voices"], result["split"] = list(voices), split
             if len(voices) > 1:  # the same scores per synthesiser (flite clips: the held-out real speaker)
                 result["by_synthesiser"] = {
@@ -219,7 +223,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
                 Path(json_path).parent.mkdir(parents=True, exist_ok=True)
                 text = json.dumps(result, indent=1)
                 atomic_write(Path(json_path), lambda tmp, text=text: tmp.write_text(text))
-            if deadline_minutes is not None and time.perf_counter() - t_start > 60 * deadline_minutes:
+            if last:
                 break
     finally:
         bar.close()
@@ -229,7 +233,7 @@ def run_longform(model: str, clips: int, frames: int, modes: list[str], json_pat
     return result
 
 
-def _result(model, clips, first, done, frames, seed, modes, batch, device, acc, wall_s) -> dict:
+def _result(model, clips, first, done, frames, seed, modes, batch, device, acc, wall_s, resamples) -> dict:
     per_mode = acc["per_mode"]
     summary = {m: clip_summary(rs) for m, rs in per_mode.items()}
     pairs = stats.paired(per_mode, BASELINE, PER_CLIP, gates=GATES)
@@ -237,7 +241,7 @@ def _result(model, clips, first, done, frames, seed, modes, batch, device, acc, 
     frechet = {}
     for key, gen, real in (("fid", "gen_f", "real_f"), ("fvd", "gen_c", "real_c")):
         # distribution distances against the real renders of the same clips, with clip-bootstrap intervals
-        fd = frechet_intervals(acc[gen], acc[real], base)
+        fd = frechet_intervals(acc[gen], acc[real], base, resamples)
         frechet[key] = {"real_split": fd["real_split"], "resamples": fd["resamples"]}
         for m in modes:
             summary[m][key] = fd["value"][m]
