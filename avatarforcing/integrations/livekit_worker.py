@@ -93,8 +93,9 @@ async def run_worker(settings: WorkerSettings, avatar, image, *, seed: int = 0, 
     done = stop or asyncio.Event()
     room.on("disconnected", lambda *_: done.set())
 
-    def left(participant) -> None:
-        if settings.agent_identity is None or participant.identity == settings.agent_identity:
+    def left(participant) -> None:  # the agent, not a user, leaving ends the avatar's part
+        if (participant.identity == settings.agent_identity if settings.agent_identity
+                else participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT):
             log.info("the agent %s left; leaving", participant.identity)
             done.set()
 
