@@ -53,6 +53,22 @@ def test_the_signed_token_joins_that_room_as_an_agent_publishing_on_the_agents_b
     assert WorkerSettings(url="wss://x", token="given").access_token() == "given"
 
 
+def test_only_the_agent_leaving_ends_the_worker():
+    from types import SimpleNamespace
+
+    from livekit import rtc
+
+    from avatarforcing.integrations.livekit_worker import is_the_agent
+
+    agent = SimpleNamespace(identity="agent-7", kind=rtc.ParticipantKind.PARTICIPANT_KIND_AGENT)
+    user = SimpleNamespace(identity="visitor", kind=rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD)
+    other_agent = SimpleNamespace(identity="agent-9", kind=rtc.ParticipantKind.PARTICIPANT_KIND_AGENT)
+    named = WorkerSettings(url="wss://x", token="t", agent_identity="agent-7")
+    anyone = WorkerSettings(url="wss://x", token="t")
+    assert is_the_agent(named, agent) and not is_the_agent(named, user) and not is_the_agent(named, other_agent)
+    assert is_the_agent(anyone, agent) and is_the_agent(anyone, other_agent) and not is_the_agent(anyone, user)
+
+
 def test_the_command_fails_clearly_without_a_server(no_env, capsys):
     assert main(["livekit-worker", "--identity", "demo"]) == 2
     err = capsys.readouterr().err

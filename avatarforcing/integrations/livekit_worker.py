@@ -80,6 +80,16 @@ class WorkerSettings:
         return token.to_jwt()
 
 
+def is_the_agent(settings: WorkerSettings, participant) -> bool:
+    """Whether ``participant`` is the agent whose avatar this is: the named one, or (none named) any agent
+    participant. A user leaving the room does not end the avatar's part; the agent leaving does."""
+    from livekit import rtc
+
+    if settings.agent_identity:
+        return participant.identity == settings.agent_identity
+    return participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+
+
 async def run_worker(settings: WorkerSettings, avatar, image, *, seed: int = 0, prompt: str | None = None,
                      stop: asyncio.Event | None = None) -> None:
     """Join the room, play the agent's speech through the avatar until the room disconnects, the agent leaves
@@ -93,9 +103,8 @@ async def run_worker(settings: WorkerSettings, avatar, image, *, seed: int = 0, 
     done = stop or asyncio.Event()
     room.on("disconnected", lambda *_: done.set())
 
-    def left(participant) -> None:  # the agent, not a user, leaving ends the avatar's part
-        if (participant.identity == settings.agent_identity if settings.agent_identity
-                else participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT):
+    def left(participant) -> None:
+        if is_the_agent(settings, participant):
             log.info("the agent %s left; leaving", participant.identity)
             done.set()
 
