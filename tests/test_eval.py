@@ -5,9 +5,10 @@ import pytest
 
 from avatarforcing.data.corpus import make_clip
 from avatarforcing.errors import InputError
-from avatarforcing.eval.longform import merge_longform, run_longform, write_report
+from avatarforcing.eval.longform import merge_longform, run_longform
 from avatarforcing.eval.metrics import colour_drift, flicker, lip_sync, sync
 from avatarforcing.eval.nets import load_eval_nets
+from avatarforcing.eval.report import write_report
 
 
 @pytest.fixture(scope="module")

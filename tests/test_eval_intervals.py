@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from avatarforcing.eval.longform import PER_CLIP, clip_summary
+from avatarforcing.eval.longform import clip_summary
+from avatarforcing.eval.report import PER_CLIP
 
 
 def by_hand(values: list[float], resamples: int, seed: int) -> tuple[float, float]:

@@ -57,7 +57,8 @@ def test_permutation_p():
 
 
 def test_a_frozen_portrait_gets_its_own_row_and_wins_only_what_rewards_stillness():
-    from avatarforcing.eval.longform import markdown_table, run_longform
+    from avatarforcing.eval.longform import run_longform
+    from avatarforcing.eval.report import markdown_table
 
     res = run_longform("mini", 2, 100, ["avatarforcing", "frozen", "real", "reversed", "late"], None, None,
                        progress=False)

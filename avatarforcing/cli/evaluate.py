@@ -52,7 +52,8 @@ def run(args) -> int:
 
     nets_dir = args.eval_nets or EVAL_WEIGHTS
     if args.what == "longform":
-        from ..eval.longform import markdown_table, run_longform
+        from ..eval.longform import run_longform
+        from ..eval.report import markdown_table
 
         res = run_longform(args.model, args.clips, args.frames, [m for m in args.modes.split(",") if m],
                            args.json, args.report, eval_nets=nets_dir, device=args.device,
@@ -63,7 +64,8 @@ def run(args) -> int:
         print(markdown_table(res))
         return 0
     if args.what == "merge":
-        from ..eval.longform import markdown_table, merge_longform, write_report
+        from ..eval.longform import merge_longform
+        from ..eval.report import markdown_table, write_report
 
         if not args.parts:
             raise AvatarForcingError("eval merge needs the JSON files of the runs: --parts A.json B.json ...")
