@@ -57,7 +57,7 @@ def hub_actor():
             self.snapshots: dict[str, tuple[float, dict]] = {}
             self.recordings: dict[str, tuple[float, bytes]] = {}
             self.stopping = False  # the deployment is going down: replicas tell their streams ('shutdown')
-            self.told: set[str] = set()  # replicas that have
+            self.told: set[str] = set()  # replicas that have sent their streams the shutdown frame
 
         def put_recording(self, token: str, data: bytes, keep: int, ttl_s: float) -> None:
             now = time.time()
