@@ -232,3 +232,26 @@ def test_a_bootstrap_resample_from_moments_equals_the_concatenated_rows():
     assert np.allclose(mu, rows.mean(0)) and np.allclose(cov, np.cov(rows, rowvar=False))
     other = rng.normal(0, 1, (50, 4))
     assert frechet_distance(rows, other) > 0
+
+
+def test_eval_longform_flags_reach_the_benchmark(monkeypatch, capsys):
+    """`eval longform --split --fid-extractor --fvd-extractor --fvd-frames` arrive in run_longform; the default
+    split is the test split."""
+    import avatarforcing.eval.longform as longform
+    from avatarforcing.cli import main
+
+    got = {}
+
+    def fake(model, clips, frames, modes, json_path, report, **kw):
+        got.update(kw, modes=modes)
+        raise SystemExit(0)  # nothing to print
+
+    monkeypatch.setattr(longform, "run_longform", fake)
+    with pytest.raises(SystemExit):
+        main(["eval", "longform", "--clips", "2", "--frames", "50", "--modes", "real,late", "--split", "heldout",
+              "--fid-extractor", "f.pt", "--fvd-extractor", "v.pt", "--fvd-frames", "8"])
+    assert (got["split"], got["fid_extractor"], got["fvd_extractor"], got["fvd_frames"], got["modes"]) == \
+        ("heldout", "f.pt", "v.pt", 8, ["real", "late"])
+    with pytest.raises(SystemExit):
+        main(["eval", "longform"])
+    assert got["split"] == "test" and got["fvd_extractor"] is None

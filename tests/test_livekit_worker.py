@@ -69,6 +69,26 @@ def test_only_the_agent_leaving_ends_the_worker():
     assert is_the_agent(anyone, agent) and is_the_agent(anyone, other_agent) and not is_the_agent(anyone, user)
 
 
+def test_every_worker_flag_reaches_the_worker(no_env, monkeypatch):
+    """`livekit-worker`'s flags land in the settings the worker joins with, with the model, portrait and seed."""
+    import avatarforcing.integrations.livekit_worker as worker
+
+    got = {}
+
+    async def fake_run(settings, avatar, image, *, seed=0, prompt=None, stop=None):
+        got.update(settings=settings, model=avatar.cfg.name, image=image, seed=seed)
+
+    monkeypatch.setattr(worker, "run_worker", fake_run)
+    assert main(["livekit-worker", "--identity", "demo", "--seed", "5", "--url", "wss://lk.example.org",
+                 "--room", "support", "--api-key", "k", "--api-secret", "s", "--participant", "face",
+                 "--agent", "agent-7"]) == 0
+    assert got["settings"] == WorkerSettings(url="wss://lk.example.org", room="support", identity="face",
+                                             agent_identity="agent-7", api_key="k", api_secret="s")
+    assert got["model"] == "mini" and got["seed"] == 5 and got["image"] is not None
+    assert main(["livekit-worker", "--identity", "demo", "--url", "wss://lk.example.org", "--token", "t"]) == 0
+    assert got["settings"].token == "t" and got["settings"].identity == "avatarforcing-avatar"
+
+
 def test_the_command_fails_clearly_without_a_server(no_env, capsys):
     assert main(["livekit-worker", "--identity", "demo"]) == 2
     err = capsys.readouterr().err

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .metrics import frames_tensor
 from .nets import face_crop, mouth_crop, windows
 
 RESAMPLES = 200  # each resample is a Fréchet distance per mode (covariances and an eigendecomposition)
@@ -109,11 +110,6 @@ def _basic(estimate: float, resampled: np.ndarray) -> tuple[float, float]:
     return float(2 * estimate - np.percentile(resampled, 97.5)), float(2 * estimate - np.percentile(resampled, 2.5))
 
 
-def _tensor(frames: np.ndarray, device) -> torch.Tensor:
-    x = torch.from_numpy(np.array(frames, np.uint8)).to(device)
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 class Features(Protocol):
     """Frames uint8 [T, H, W, 3] -> features [rows, D]: one row per frame (FID) or per window (FVD)."""
 
@@ -122,32 +118,34 @@ class Features(Protocol):
     def __call__(self, frames: np.ndarray) -> np.ndarray: ...
 
 
-class CorpusFrames:
+class _Corpus:
+    """An extractor on the corpus-trained eval nets (``load_eval_nets``), run where they live."""
+
+    def __init__(self, nets):
+        self.nets = nets
+        self.device = next(nets.parameters()).device
+
+
+class CorpusFrames(_Corpus):
     """FID*'s default: the corpus IdentityNet's trunk on the whole (64x64) portrait."""
 
     name = "corpus IdentityNet (frames)"
 
-    def __init__(self, nets):
-        self.nets = nets
-
     @torch.no_grad()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        dev = next(self.nets.parameters()).device
-        out = [self.nets["ident"].body(face_crop(_tensor(frames[i:i + 256], dev))) for i in range(0, len(frames), 256)]
+        out = [self.nets["ident"].body(face_crop(frames_tensor(frames[i:i + 256], self.device)))
+               for i in range(0, len(frames), 256)]
         return torch.cat(out).cpu().numpy()
 
 
-class CorpusClips:
+class CorpusClips(_Corpus):
     """FVD*'s default: the corpus SyncNet's video stream on 5-frame mouth windows, every 5th window."""
 
     name = "corpus SyncNet video stream (5-frame mouth windows)"
 
-    def __init__(self, nets):
-        self.nets = nets
-
     @torch.no_grad()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        crops = mouth_crop(_tensor(frames, next(self.nets.parameters()).device))
+        crops = mouth_crop(frames_tensor(frames, self.device))
         return self.nets["sync"].video(windows(crops)[::5].flatten(1, 2)).cpu().numpy()
 
 
@@ -162,7 +160,7 @@ class TorchScriptFrames:
 
     @torch.no_grad()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        x = torch.nn.functional.interpolate(_tensor(frames, "cpu"), size=(self.size, self.size), mode="bilinear")
+        x = torch.nn.functional.interpolate(frames_tensor(frames), size=(self.size, self.size), mode="bilinear")
         return self.module(x).flatten(1).numpy()
 
 
@@ -181,7 +179,7 @@ class TorchScriptClips:
         n = len(frames) // self.frames
         if n == 0:
             raise InputError(f"{len(frames)} frames are fewer than one {self.frames}-frame window")
-        x = torch.nn.functional.interpolate(_tensor(frames[: n * self.frames], "cpu"), size=(self.size, self.size),
+        x = torch.nn.functional.interpolate(frames_tensor(frames[: n * self.frames]), size=(self.size, self.size),
                                             mode="bilinear")
         x = x.reshape(n, self.frames, 3, self.size, self.size).transpose(1, 2)  # [N, 3, T, H, W]
         return torch.cat([self.module(x[i:i + self.batch]).flatten(1) for i in range(0, n, self.batch)]).numpy()

@@ -33,7 +33,7 @@ def _device(nets) -> torch.device:
     return next(nets.parameters()).device
 
 
-def _tensor(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+def frames_tensor(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [T, 3, H, W] in [-1, 1] on ``device``; such a tensor is passed through
     (``evaluate_video`` converts a video once for all its metrics)."""
     if isinstance(frames, torch.Tensor):
@@ -71,7 +71,7 @@ def colour_drift(frames: np.ndarray) -> dict:
 @torch.no_grad()
 def flicker(frames: np.ndarray, device: torch.device | str = "cpu") -> list[float]:
     """Per second: mean absolute difference between consecutive frames (0..255 scale), after 4x4 pooling."""
-    f = torch.nn.functional.avg_pool2d((_tensor(frames, device) + 1) * 127.5, 4)  # [T, 3, H/4, W/4]
+    f = torch.nn.functional.avg_pool2d((frames_tensor(frames, device) + 1) * 127.5, 4)  # [T, 3, H/4, W/4]
     d = (f[1:] - f[:-1]).abs().mean((1, 2, 3)).double().cpu().numpy()
     d = np.concatenate([[d[0] if len(d) else 0.0], d])
     return [float(d[s].mean()) for s in _seconds(len(frames))]
@@ -82,7 +82,7 @@ def mouth_readings(nets, frames: np.ndarray, batch: int = 256) -> tuple[np.ndarr
     """(opening/width/rounding [T, 3], viseme [T]) read from the pixels."""
     regs, vis = [], []
     for i in range(0, len(frames), batch):
-        r, logits = nets["reader"](mouth_crop(_tensor(frames[i:i + batch], _device(nets))))
+        r, logits = nets["reader"](mouth_crop(frames_tensor(frames[i:i + batch], _device(nets))))
         regs.append(r.cpu().numpy())
         vis.append(logits.argmax(-1).cpu().numpy())
     return np.concatenate(regs), np.concatenate(vis)
@@ -158,11 +158,11 @@ def identity_drift(nets, frames: np.ndarray, reference: np.ndarray) -> list[floa
     face ellipse (the net was trained on whole portraits, so the input keeps that layout), so background,
     hair outline and clothes changing does not read as identity drift."""
     dev = _device(nets)
-    ref = _tensor(reference[None], dev)
+    ref = frames_tensor(reference[None], dev)
     mask = face_mask(*ref.shape[-2:], dev)
     embed = nets["ident"].embed
     ref_emb = embed(face_crop(ref))[0]
-    emb = torch.cat([embed(face_crop(ref * (1 - mask) + _tensor(frames[i:i + 256], dev) * mask))
+    emb = torch.cat([embed(face_crop(ref * (1 - mask) + frames_tensor(frames[i:i + 256], dev) * mask))
                      for i in range(0, len(frames), 256)])
     means = torch.stack([emb[s].mean(0) for s in _seconds(len(frames))])  # [seconds, D]
     return (1 - torch.nn.functional.cosine_similarity(means, ref_emb[None], dim=1)).double().cpu().tolist()
@@ -177,7 +177,7 @@ def _sync_inputs(nets, frames: np.ndarray, audio: np.ndarray) -> tuple[torch.Ten
     """(mouth crops, audio rows) of the frames both cover, on the nets' device."""
     rows = _sync_front_end().offline(audio)
     n = min(len(rows), len(frames))
-    crops = mouth_crop(_tensor(frames[:n], _device(nets)))
+    crops = mouth_crop(frames_tensor(frames[:n], _device(nets)))
     return crops, rows[:n].to(crops.device)
 
 
@@ -217,7 +217,7 @@ def evaluate_video(nets, frames: np.ndarray, audio: np.ndarray, reference: np.nd
         raise InputError(f"{len(frames)} frames with {len(audio) / RATE:.2f} s of audio cover {covered / FPS:.2f} s; "
                          "the metrics need at least 1 s")
     res: dict = {"frames": int(len(frames))}
-    x = _tensor(frames, _device(nets))  # once, for every metric that runs a network
+    x = frames_tensor(frames, _device(nets))  # once, for every metric that runs a network
     res.update(sync(nets, x, audio))
     if floors:
         res.update(sync_floor(nets, x, audio))

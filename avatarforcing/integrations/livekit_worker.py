@@ -43,13 +43,12 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, **given) -> WorkerSettings:
         """Flags first, then LIVEKIT_URL / LIVEKIT_API_KEY / LIVEKIT_API_SECRET (the names LiveKit's tools use)."""
-        env = {"url": os.environ.get("LIVEKIT_URL"), "api_key": os.environ.get("LIVEKIT_API_KEY"),
-               "api_secret": os.environ.get("LIVEKIT_API_SECRET")}
-        merged = {k: v for k, v in {**env, **{k: v for k, v in given.items() if v is not None}}.items()
-                  if v is not None}
-        s = cls(**merged) if "url" in merged else None
-        if s is None:
+        env = {"url": "LIVEKIT_URL", "api_key": "LIVEKIT_API_KEY", "api_secret": "LIVEKIT_API_SECRET"}
+        values = {k: os.environ[name] for k, name in env.items() if os.environ.get(name)}
+        values.update({k: v for k, v in given.items() if v is not None})
+        if "url" not in values:
             raise InputError("no LiveKit server: pass --url or set LIVEKIT_URL (e.g. wss://my-project.livekit.cloud)")
+        s = cls(**values)
         s.check()
         return s
 
