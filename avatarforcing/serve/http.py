@@ -116,7 +116,7 @@ def config(app, host: str, port: int, limits: Limits, header_timeout_s: float = 
            log_level: str = "info") -> uvicorn.Config:
     protocol = type("Guarded", (GuardedH11Protocol,), {"header_timeout_s": header_timeout_s})
     return uvicorn.Config(
-        HeaderLimit(app), host=host, port=port, log_level=log_level, http=protocol, ws="websockets-sansio",
+        HeaderLimit(app), host=host, port=port, log_level=log_level, http=protocol, ws="websockets",
         h11_max_incomplete_event_size=HEAD_LIMIT, timeout_keep_alive=5, timeout_graceful_shutdown=10,
         limit_concurrency=limits.max_sessions + limits.max_pending + 64,
         ws_max_size=limits.max_message_bytes + 64 * 1024, ws_per_message_deflate=False,
