@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import time
 
 import numpy as np
@@ -18,14 +19,21 @@ K = 2  # sessions per replica
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def deployment():
+    """The deployment as `serve --ray` runs it: Ray's proxy on loopback, the front door on the public port."""
     from avatarforcing.serve import ray as afray
     from avatarforcing.serve.spec import Limits, RayOptions, ServingSpec
 
     port = free_port()
-    afray.start(ServingSpec(port=port, limits=Limits(max_sessions=K), ray=RayOptions(replicas=2, num_cpus=2)))
-    yield port
-    afray.stop()
+    spec = ServingSpec(port=port, limits=Limits(max_sessions=K, allow_hosts=("127.0.0.1", "localhost")),
+                       ray=RayOptions(replicas=2, num_cpus=2))
+    with afray.running(spec, header_timeout_s=1.0, log_level="warning") as front:
+        yield port, front
+
+
+@pytest.fixture
+def cluster(deployment):
+    return deployment[0]
 
 
 def _open(port):
@@ -127,16 +135,92 @@ def test_page_unchanged(cluster, tmp_path):
     assert out["frames"] >= 25 and np.isfinite(out["motion"]["mouth"])
 
 
-def test_taking_the_deployment_down_tells_open_streams_first(cluster):
-    """Ray's proxy would just cut the sockets: `stop()` first has every replica send its streams the protocol's
-    `shutdown` error frame and close them (1001), as the single-process server does on SIGTERM. Runs last: the
-    deployment refuses new streams afterwards."""
-    from avatarforcing.serve import ray as afray
+def test_front_door_has_the_single_process_limits(cluster):
+    """Ray's own proxy takes any head, keeps slow ones, negotiates deflate and buffers whole messages: clients
+    reach the front door instead, which refuses all of these as the single-process server does."""
+    from websockets.sync.client import connect
 
-    ws, ready = _open(cluster)
+    from .test_serve_hardening import _raw, errors_of
+
+    p = cluster
+    big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    assert _raw(p, big)[0].startswith(b"HTTP/1.1 431")
+    out, took = _raw(p, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200, slow=0.05,
+                     read_timeout=10)
+    assert took < 6 and b"200 OK" not in out  # a slow-loris head is cut at the deadline (1 s here)
+    silent = [socket.create_connection(("127.0.0.1", p)) for _ in range(150)]  # half-open sockets
+    try:
+        out, _ = _raw(p, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200") and b'"deployment"' in out
+    finally:
+        for s in silent:
+            s.close()
+    with connect(f"ws://127.0.0.1:{p}/ws", max_size=None) as ws:
+        assert ws.protocol.extensions == []  # no permessage-deflate
+        ws.send(start_message(identity="demo"))
+        assert json.loads(ws.recv(timeout=60))["type"] == "ready"
+        ws.send(b"\x00" * 3_000_000)  # far over the 1 MiB limit: refused at the front door without buffering it
+        errs, code = errors_of(ws)
+    assert code == 1009
+    with connect(f"ws://127.0.0.1:{p}/ws", max_size=None) as ws:
+        ws.send(start_message(identity="demo"))
+        assert json.loads(ws.recv(timeout=60))["type"] == "ready"
+        ws.send(b"\x00" * 1_060_000)  # over the stream's limit, under the front door's: the replica's frame
+        errs, code = errors_of(ws)
+    assert [e["code"] for e in errs] == ["too_large"] and code == 1008
+
+
+def test_replicas_see_the_clients_host_and_origin(cluster):
+    """The Host allow-list and the Origin rule run in the replica, on what the client sent (not on the relay's
+    own loopback address): the front door forwards both and the replica puts them back."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from .test_serve_hardening import _raw
+
+    p = cluster
+    ask = b"GET /healthz HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+    assert _raw(p, ask % b"localhost")[0].startswith(b"HTTP/1.1 200")
+    assert _raw(p, ask % b"rebound.example")[0].startswith(b"HTTP/1.1 400")  # DNS rebinding
+    with connect(f"ws://localhost:{p}/ws", origin=f"http://localhost:{p}") as ws:  # the page's own host: same origin
+        ws.send(start_message(identity="demo"))
+        assert json.loads(ws.recv(timeout=60))["type"] == "ready"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://127.0.0.1:{p}/ws", origin="http://elsewhere.example")
+    assert refused.value.response.status_code == 403
+
+
+def test_forwarded_headers_are_the_front_doors_own():
+    """A client cannot choose the address or host a replica sees: the front door overwrites both."""
+    from avatarforcing.serve.front import FromFront, upstream_headers
+
+    scope = {"type": "http", "client": ("203.0.113.7", 5555),
+             "headers": [(b"host", b"avatar.example"), (b"x-forwarded-for", b"10.0.0.1"),
+                         (b"x-forwarded-host", b"evil.example"), (b"connection", b"keep-alive"), (b"accept", b"*/*")]}
+    sent = upstream_headers(scope)
+    assert sent == [(b"accept", b"*/*"), (b"x-forwarded-for", b"203.0.113.7"),
+                    (b"x-forwarded-host", b"avatar.example")]
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen.update(client=scope["client"], headers=dict(scope["headers"]))
+
+    import asyncio
+
+    asyncio.run(FromFront(app)({"type": "http", "client": ("127.0.0.1", 1),
+                                "headers": [(b"host", b"127.0.0.1:9")] + sent}, None, None))
+    assert seen["client"][0] == "203.0.113.7" and seen["headers"][b"host"] == b"avatar.example"
+
+
+def test_taking_the_deployment_down_tells_open_streams_first(deployment):
+    """Ray's proxy would just cut the sockets: on SIGTERM the front door first has every replica send its streams
+    the protocol's `shutdown` error frame and close them (1001), and relays both, as the single-process server
+    does. Runs last: the front door is down afterwards."""
+    port, front = deployment
+    ws, ready = _open(port)
     assert ready["type"] == "ready"
     ws.send(speech(0.5).tobytes())
-    assert afray.announce_shutdown() == []  # every replica that reports has told its streams
+    front.should_exit = True  # what uvicorn's SIGTERM handler does
     while True:
         m = ws.recv(timeout=30)
         if isinstance(m, str):

@@ -206,12 +206,9 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
         from .spec import Limits, RayOptions, ServingSpec
 
         port, per_replica = _free_port(), -(-max(sessions) // ray_replicas)
-        afray.start(ServingSpec(model=model, port=port, limits=Limits(max_sessions=per_replica),
-                                ray=RayOptions(replicas=ray_replicas)))
-        try:
+        with afray.running(ServingSpec(model=model, port=port, limits=Limits(max_sessions=per_replica),
+                                       ray=RayOptions(replicas=ray_replicas)), log_level="warning"):
             results += _sweep(port, sessions, seconds, f"ray, {ray_replicas} replicas")
-        finally:
-            afray.stop()
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)

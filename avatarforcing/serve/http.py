@@ -128,13 +128,18 @@ def server(app, host: str, port: int, limits: Limits, **kw) -> Server:
     return Server(config(app, host, port, limits, **kw), app.state.notify_shutdown)
 
 
-def run(app, host: str, port: int, limits: Limits) -> None:
+def log_to_stderr() -> None:
+    """uvicorn configures its own loggers only: the server's (client errors at INFO) go to stderr here."""
     log = logging.getLogger("avatarforcing")
-    if not log.handlers:  # uvicorn configures its own loggers only: client errors are logged at INFO here
+    if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+
+
+def run(app, host: str, port: int, limits: Limits) -> None:
+    log_to_stderr()
     server(app, host, port, limits).run()
 
 

@@ -1,6 +1,7 @@
 """Many avatars across GPUs and machines: the same server app, replicated by Ray Serve (``serve --ray``).
 
-    clients --ws/http--> Ray Serve proxy --(one replica per connection, for its whole life)--> replica i
+    clients --ws/http--> front door (front.py: the single process's HTTP limits) --loopback--> Ray Serve proxy
+            --(one replica per connection, for its whole life)--> replica i
     replica i = AvatarReplica(spec): one device, ``spec.load_avatar()`` once, ``create_app`` with K slots
     MetricsHub (one Ray actor): each replica reports a snapshot every second; /metrics on any replica
     renders the sum and a per-replica series; recordings are copied there, so any replica serves a download
@@ -24,9 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
+import threading
 import time
+from contextlib import contextmanager
 
 from ..errors import AvatarForcingError
 from .spec import RayOptions, ServingSpec
@@ -134,9 +136,11 @@ class AvatarReplica:
         self._reporter: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
+        from .front import FromFront
         from .http import HeaderLimit
 
-        app = HeaderLimit(self.server_app)  # Ray's proxy takes any head: the replica refuses large ones (431)
+        # the client and Host the front door forwarded; a large head is refused here too (431)
+        app = HeaderLimit(FromFront(self.server_app))
 
         async def asgi(scope, receive, send):  # start reporting from the replica's own event loop
             if self._reporter is None:
@@ -188,16 +192,20 @@ def deployment(spec: ServingSpec):
     return cls.bind(spec)
 
 
-def start(spec: ServingSpec) -> None:
-    """Connect to (``spec.ray.address``) or start a local Ray cluster, deploy, return once every replica is up."""
+def start(spec: ServingSpec, proxy_port: int) -> None:
+    """Connect to (``spec.ray.address``) or start a local Ray cluster, deploy, return once every replica is up.
+    Ray's proxy listens on ``127.0.0.1:proxy_port``, for the front door on this machine (front.py)."""
     ray, serve = _ray()
     r = spec.ray or RayOptions()
+    if r.address and r.address.startswith("ray://"):
+        raise AvatarForcingError(f"--address {r.address}: serve --ray runs its front door beside Ray's proxy, so "
+                                 "it must run on a node of the cluster (e.g. the head, with --address auto)")
     if not ray.is_initialized():
         if r.address:
             ray.init(address=r.address, namespace=NAMESPACE, logging_level="WARNING")
         else:
             ray.init(namespace=NAMESPACE, num_cpus=r.num_cpus, include_dashboard=False, logging_level="WARNING")
-    serve.start(http_options={"host": spec.host, "port": spec.port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": proxy_port})
     ray.get(hub_actor().start.remote())
     serve.run(deployment(spec), name="avatarforcing", route_prefix="/")
 
@@ -231,16 +239,52 @@ def stop() -> None:
         ray.shutdown()
 
 
-def serve_forever(spec: ServingSpec) -> None:
-    """``avatarforcing serve --ray``: deploy, then wait for SIGINT/SIGTERM and take the deployment down."""
-    start(spec)
-    where = "an existing Ray cluster" if spec.ray and spec.ray.address else "a local Ray cluster"
-    print(f"avatarforcing serve --ray: ready at http://{spec.host}:{spec.port}/ on {where}", flush=True)
-    stopping = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.append(True))
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def front_door(spec: ServingSpec, proxy_port: int, **kw):
+    """The front door (front.py) for a deployment whose proxy listens on ``proxy_port``: on SIGTERM / SIGINT it
+    first has every replica send its streams the ``shutdown`` frame. ``kw``: http.config's timeouts."""
+    from .front import front_server
+
+    async def tell_replicas() -> None:
+        await asyncio.to_thread(announce_shutdown, 2.5 * REPORT_S)
+
+    return front_server(spec, proxy_port, tell_replicas, **kw)
+
+
+@contextmanager
+def running(spec: ServingSpec, **kw):
+    """The deployment as ``serve --ray`` runs it, with the front door in a thread (tests, benchmarks): yields the
+    front door's server (``should_exit = True`` does what SIGTERM does); taken down on exit."""
+    proxy_port = free_port()
     try:
-        while not stopping:
-            time.sleep(0.5)
+        start(spec, proxy_port)
+        front = front_door(spec, proxy_port, **kw)
+        thread = threading.Thread(target=front.run, daemon=True)
+        thread.start()
+        while not front.started and thread.is_alive():
+            time.sleep(0.05)
+        yield front
+        front.should_exit = True
+        thread.join(15)
+    finally:
+        stop()
+
+
+def serve_forever(spec: ServingSpec) -> None:
+    """``avatarforcing serve --ray``: deploy, serve the front door until SIGINT/SIGTERM, take the deployment down."""
+    from .http import log_to_stderr
+
+    proxy_port = free_port()
+    try:
+        start(spec, proxy_port)
+        where = "an existing Ray cluster" if spec.ray and spec.ray.address else "a local Ray cluster"
+        print(f"avatarforcing serve --ray: ready at http://{spec.host}:{spec.port}/ on {where}", flush=True)
+        log_to_stderr()
+        front_door(spec, proxy_port).run()
     finally:
         stop()
