@@ -60,10 +60,10 @@ def test_every_serve_flag_lands_in_the_spec():
     assert s.ray is None
 
     args = build_parser().parse_args(["serve", "--ray", "--autoscale", "1:5", "--sessions-per-replica", "6",
-                                      "--gpus-per-replica", "1", "--address", "ray://head:10001",
+                                      "--gpus-per-replica", "1", "--address", "auto",
                                       "--allow-origin", "*", "--engine", "eager"])
     s = spec_from_args(args)
-    assert s.ray == RayOptions(autoscale=(1, 5), gpus_per_replica=1.0, address="ray://head:10001")
+    assert s.ray == RayOptions(autoscale=(1, 5), gpus_per_replica=1.0, address="auto")
     assert s.limits.max_sessions == 6 and s.limits.allow_origins == ("*",) and s.engine == "eager"
     assert spec_from_args(build_parser().parse_args(["serve", "--ray"])).limits.max_sessions == 2
     assert spec_from_args(build_parser().parse_args(["serve"])).limits.max_sessions == 4
@@ -74,6 +74,7 @@ def test_every_serve_flag_lands_in_the_spec():
     (["serve", "--ray", "--autoscale", "3:1"], "1 <= MIN <= MAX"),
     (["serve", "--ray", "--autoscale", "x"], "expected MIN:MAX"),
     (["serve", "--address", "auto"], "options of --ray"),
+    (["serve", "--ray", "--address", "ray://head:10001"], "node of the cluster"),
     (["serve", "--max-sessions", "0"], "at least 1"),
     (["serve", "--session-limit", "0"], "positive number of seconds"),
     (["serve", "--compute-threads", "0"], "at least 1"),

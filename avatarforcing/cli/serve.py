@@ -45,7 +45,8 @@ def add(sub) -> None:
     r.add_argument("--sessions-per-replica", type=int, dest="max_sessions", metavar="K",
                    help="the same as --max-sessions")
     r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica owns (1 with --device cuda)")
-    r.add_argument("--address", help="an existing Ray cluster (e.g. auto, or ray://head:10001); default: start one")
+    r.add_argument("--address", help="an existing Ray cluster this machine is a node of (e.g. auto: run on the head); "
+                        "default: start one")
     add_prompt_args(v)
     v.set_defaults(func=run)
 
@@ -65,8 +66,11 @@ def spec(args) -> ServingSpec:
             autoscale = (lo, hi)
         if args.replicas < 1:
             raise AvatarForcingError(f"--replicas {args.replicas}: need at least 1")
-        ray = RayOptions(replicas=args.replicas, autoscale=autoscale, gpus_per_replica=args.gpus_per_replica,
-                         address=args.address)
+        try:
+            ray = RayOptions(replicas=args.replicas, autoscale=autoscale, gpus_per_replica=args.gpus_per_replica,
+                             address=args.address)
+        except ValueError as e:
+            raise AvatarForcingError(f"--ray: {e}") from None
     elif args.autoscale or args.address:
         raise AvatarForcingError("--autoscale and --address are options of --ray")
     sessions = args.max_sessions if args.max_sessions is not None else SESSIONS_PER_REPLICA if args.ray else SESSIONS

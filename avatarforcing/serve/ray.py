@@ -197,9 +197,6 @@ def start(spec: ServingSpec, proxy_port: int) -> None:
     Ray's proxy listens on ``127.0.0.1:proxy_port``, for the front door on this machine (front.py)."""
     ray, serve = _ray()
     r = spec.ray or RayOptions()
-    if r.address and r.address.startswith("ray://"):
-        raise AvatarForcingError(f"--address {r.address}: serve --ray runs its front door beside Ray's proxy, so "
-                                 "it must run on a node of the cluster (e.g. the head, with --address auto)")
     if not ray.is_initialized():
         if r.address:
             ray.init(address=r.address, namespace=NAMESPACE, logging_level="WARNING")

@@ -68,7 +68,7 @@ class RayOptions:
     replicas: int = 2  # fixed number of replicas (ignored when autoscale is set)
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, following live sessions
     gpus_per_replica: float = 0.0
-    address: str | None = None  # an existing cluster; None: start a local one
+    address: str | None = None  # an existing cluster this machine is a node of; None: start a local one
     num_cpus: int | None = None  # CPUs of a local cluster (None: all)
 
     def __post_init__(self):
@@ -79,6 +79,10 @@ class RayOptions:
             self.autoscale = (int(lo), int(hi))
         elif self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.address and self.address.startswith("ray://"):
+            raise ValueError(f"address {self.address}: the front door (front.py) runs beside Ray's proxy, so serve "
+                             "--ray must run on a node of the cluster (on the head: --address auto), not through "
+                             "Ray Client")
 
 
 @dataclass
