@@ -9,10 +9,14 @@ audio the frame shows). Both tracks are sent on one timeline, wall time = ``orig
 stamped with it (video pts; audio by its sample count), so each track's RTP clock follows the wall clock and
 aiortc's RTCP sender reports map both alike: the receiver (a browser) plays them in sync.
 ``origin`` = the session's clock start + the look-ahead + one block (when a frame exists at the earliest) +
-``Limits.rtc_margin_ms`` of slack for the step's compute. When the compute falls further behind (a frame is not
-there at its time), ``shift`` grows by the delay for both tracks: the audio track fills the gap with silence, the
-video holds its last frame, and the stream goes on in sync, that much later (the late frames are counted in
-``frames_late``). The audio track is the clock: it sends a 20 ms frame every 20 ms whatever happens.
+``Limits.rtc_margin_ms`` of slack for the step's compute. The audio track is the clock: it sends a 20 ms part
+every 20 ms whatever happens. When the compute falls further behind (a part's voice is not there at its time),
+it sends silence and the timeline moves by that part (``shift``) for both tracks, and the stream goes on in sync,
+that much later (the late frames are counted in ``frames_late``). Only the audio track moves the timeline, by
+whole parts, and only before the frame in question exists, so a frame's image and the first part of its voice are
+always stamped alike. A frame the video track reads late (a slow encoder, a busy event loop) keeps its stamp:
+the receiver's jitter buffer places it against the voice; a frame whose successor is already due is dropped
+(``dropped``), so the video catches up instead of falling behind its voice.
 
 Bounded: a track that is not read (a peer that never connected, or negotiated only one kind) keeps at most
 ``MAX_QUEUED_S`` of media; older items are dropped.
@@ -48,6 +52,7 @@ class MediaClock:
         self.samples = 0  # samples cut into audio frames so far (their media time)
         self.shift = 0.0  # how much later than planned the timeline runs (s): the compute's delays so far
         self.sent = 0  # audio samples sent (the timeline's clock: one 20 ms part every 20 ms)
+        self.dropped = 0  # video frames skipped to catch up with the timeline
         self.changed = asyncio.Event()
         self.closed = False
 
@@ -85,13 +90,15 @@ class MediaClock:
         return True
 
     async def next_video(self):
-        """The next frame at its send time, stamped with it (None once closed)."""
+        """The next frame at its send time, stamped with it (None once closed). A frame read late (a slow encoder,
+        a busy loop) keeps its stamp, which places it against the voice at the receiver; one whose successor is
+        already due is dropped, so the video catches up with its voice instead of falling behind it."""
         if not await self._wait(lambda: bool(self.video)):
             return None
         media_time, frame = self.video.popleft()
-        late = time.monotonic() - (self.origin + self.shift + media_time)
-        if late > 1 / self.fps:  # the compute fell behind: the whole timeline moves, both tracks alike
-            self.shift += late
+        while self.video and time.monotonic() >= self.origin + self.shift + self.video[0][0]:
+            media_time, frame = self.video.popleft()
+            self.dropped += 1
         await _until(self.origin + self.shift + media_time)
         frame.pts = round((media_time + self.shift) * VIDEO_CLOCK)
         return frame
@@ -100,7 +107,7 @@ class MediaClock:
         """The next 20 ms of the voice at its send time: the frames' PCM, or silence where there is none yet."""
         import av
 
-        if not await self._wait(lambda: True):
+        if not await self._wait(lambda: bool(self.audio) or not self.closed):  # once closed: what is left
             return None
         at = self.sent / self.rate  # this part's time on the timeline (media time + shift)
         await _until(self.origin + at)

@@ -1,0 +1,77 @@
+"""The WebRTC media clock (serve/rtc_media.py): a frame's image and its voice carry the same stamp, even when the
+compute falls behind and the timeline moves."""
+
+import asyncio
+import time
+
+import numpy as np
+
+from avatarforcing.serve.rtc_media import VIDEO_CLOCK, MediaClock
+
+FPS, RATE = 25, 16000
+SPF = RATE // FPS  # samples per frame
+
+
+async def _run(stalls: dict[int, float], slow_video: dict[int, float], frames: int = 24):
+    """Frames put at real-time pace after a head start, with extra stalls (s) before some (the compute behind);
+    both tracks read at once, the video reader pausing after some frames (a slow encoder). Each frame's PCM is a
+    constant that names it, so the audio parts say which frame's voice they carry."""
+    clock = MediaClock(FPS, RATE)
+    clock.origin = time.monotonic() + 0.05
+    video, audio = [], []
+
+    async def produce():
+        for i in range(frames):
+            await asyncio.sleep(stalls.get(i, 0.0))
+            await asyncio.sleep(max(0.0, clock.origin + clock.shift + i / FPS - 0.01 - time.monotonic()))
+            clock.put(i, np.full((8, 8, 3), i, np.uint8), np.full(SPF, (i + 1) / 1000, np.float32))
+        await asyncio.sleep(0.3)
+        clock.close()
+
+    async def read_video():
+        while (f := await clock.next_video()) is not None:
+            video.append((f.pts / VIDEO_CLOCK, int(f.to_ndarray(format="rgb24")[0, 0, 0])))
+            await asyncio.sleep(slow_video.get(len(video) - 1, 0.0))
+
+    async def read_audio():
+        while (f := await clock.next_audio()) is not None:
+            audio.append((f.pts / RATE, int(round(f.to_ndarray()[0, 0] / 32767 * 1000)) - 1))
+
+    await asyncio.gather(produce(), read_video(), read_audio())
+    return video, audio, clock
+
+
+def _first_parts(audio):
+    first = {}
+    for t, i in audio:
+        if i >= 0:
+            first.setdefault(i, t)
+    return first
+
+
+def test_each_frames_voice_has_the_frames_stamp_when_the_timeline_moves():
+    """Stalls of 130 ms and 25 ms (the compute behind; frame 6 comes 80 ms after its time) move the timeline, and the video reader is once 75 ms late
+    (a slow encoder): the first audio part of frame i's voice is still stamped exactly with frame i's video stamp
+    (no fraction of a part between the tracks), the gaps are silence, every frame's voice arrives whole and in
+    order, and the timeline moved by whole parts."""
+    video, audio, clock = asyncio.run(_run({6: 0.13, 14: 0.025}, {18: 0.075}))
+    assert len(video) == 24 and clock.dropped == 0
+    first = _first_parts(audio)
+    assert sorted(first) == list(range(24))
+    moved = clock.shift
+    assert [i for _, i in video] == list(range(24))
+    for t, i in video:
+        assert abs(first[i] - t) < 1e-9, (i, first[i], t)
+    voiced = [i for _, i in audio if i >= 0]
+    assert voiced == sorted(voiced) and all(voiced.count(i) == SPF // (RATE // 50) for i in range(24))
+    assert moved >= 0.08 and abs(moved / 0.02 - round(moved / 0.02)) < 1e-6  # whole audio parts
+
+
+def test_a_video_track_far_behind_drops_frames_and_keeps_its_stamps():
+    """The video reader stalls 250 ms: the frames already due are dropped (the video catches up), and every frame
+    it sends still carries the stamp of its own voice."""
+    video, audio, clock = asyncio.run(_run({}, {8: 0.25}))
+    first = _first_parts(audio)
+    assert clock.dropped >= 4 and len(video) == 24 - clock.dropped
+    for t, i in video:
+        assert abs(first[i] - t) < 1e-9, (i, first[i], t)
