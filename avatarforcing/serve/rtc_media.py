@@ -11,12 +11,13 @@ aiortc's RTCP sender reports map both alike: the receiver (a browser) plays them
 ``origin`` = the session's clock start + the look-ahead + one block (when a frame exists at the earliest) +
 ``Limits.rtc_margin_ms`` of slack for the step's compute. The audio track is the clock: it sends a 20 ms part
 every 20 ms whatever happens. When the compute falls further behind (a part's voice is not there at its time),
-it sends silence and the timeline moves by that part (``shift``) for both tracks, and the stream goes on in sync,
-that much later (the late frames are counted in ``frames_late``). Only the audio track moves the timeline, by
-whole parts, and only before the frame in question exists, so a frame's image and the first part of its voice are
-always stamped alike. A frame the video track reads late (a slow encoder, a busy event loop) keeps its stamp:
-the receiver's jitter buffer places it against the voice; a frame whose successor is already due is dropped
-(``dropped``), so the video catches up instead of falling behind its voice.
+it sends silence and the timeline (``shift``) moves by that part for both tracks; when the video is read a frame
+late (its frame came late, a slow encoder, a busy loop), the timeline moves by the delay rounded up to whole
+parts: the audio track fills the gap with silence, the video holds its last frame, and the stream goes on in
+sync, that much later (late frames are counted in ``frames_late``). Restamping beats sending a frame late on its
+old stamp: a browser drops or shows late a frame that arrives after its render time (measured: fewer frames
+presented, worse offsets). ``shift`` is always a whole number of parts, so each part of the voice starts exactly
+on its frame's stamp; only the frames whose voice was already sent when the timeline moved are off, by the move.
 
 Bounded: a track that is not read (a peer that never connected, or negotiated only one kind) keeps at most
 ``MAX_QUEUED_S`` of media; older items are dropped.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import math
 import time
 from collections import deque
 
@@ -52,7 +54,6 @@ class MediaClock:
         self.samples = 0  # samples cut into audio frames so far (their media time)
         self.shift = 0.0  # how much later than planned the timeline runs (s): the compute's delays so far
         self.sent = 0  # audio samples sent (the timeline's clock: one 20 ms part every 20 ms)
-        self.dropped = 0  # video frames skipped to catch up with the timeline
         self.changed = asyncio.Event()
         self.closed = False
 
@@ -90,15 +91,14 @@ class MediaClock:
         return True
 
     async def next_video(self):
-        """The next frame at its send time, stamped with it (None once closed). A frame read late (a slow encoder,
-        a busy loop) keeps its stamp, which places it against the voice at the receiver; one whose successor is
-        already due is dropped, so the video catches up with its voice instead of falling behind it."""
+        """The next frame at its send time, stamped with it (None once closed)."""
         if not await self._wait(lambda: bool(self.video)):
             return None
         media_time, frame = self.video.popleft()
-        while self.video and time.monotonic() >= self.origin + self.shift + self.video[0][0]:
-            media_time, frame = self.video.popleft()
-            self.dropped += 1
+        late = time.monotonic() - (self.origin + self.shift + media_time)
+        if late > 1 / self.fps:  # behind by a frame: the whole timeline moves, both tracks alike, by whole audio
+            step = self.part / self.rate  # parts (the voice's parts then start exactly on their frames' stamps)
+            self.shift += math.ceil(late / step) * step
         await _until(self.origin + self.shift + media_time)
         frame.pts = round((media_time + self.shift) * VIDEO_CLOCK)
         return frame
