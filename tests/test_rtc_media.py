@@ -50,11 +50,12 @@ def _first_parts(audio):
 
 
 def test_each_frames_voice_has_the_frames_stamp_when_the_timeline_moves():
-    """Stalls of 130 ms and 25 ms (the compute behind; frame 6 comes 80 ms after its time) move the timeline, and
-    the video reader is once 110 ms late (a slow encoder: frame 19 is read 70 ms after its time): the timeline moves by whole audio parts, so the first part
-    of frame i's voice is stamped exactly with frame i's video stamp (no fraction of a part between the tracks)
-    except for the frames whose voice had already gone out when frame 19 was read (off by the move, then in sync again); the
-    gaps are silence and every frame's voice arrives whole and in order."""
+    """Stalls of 130 ms and 25 ms (the compute behind; frame 6 comes 80 ms after its time) move the timeline,
+    and the video reader is once 110 ms late (a slow encoder: frame 19 is read 70 ms after its time): the timeline
+    moves by whole audio parts, so the first part of frame i's voice is stamped exactly with frame i's video stamp
+    (no fraction of a part between the tracks), except for the frames whose voice had already gone out when frame
+    19 was read (off by the move, then in sync again); the gaps are silence and every frame's voice arrives whole
+    and in order."""
     video, audio, clock = asyncio.run(_run({6: 0.13, 14: 0.025}, {18: 0.11}))
     assert [i for _, i in video] == list(range(24))
     first = _first_parts(audio)

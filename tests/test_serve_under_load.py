@@ -176,6 +176,42 @@ def _pid_and_nice():
     return os.getpid(), os.nice(0)
 
 
+SERVER_WITH_A_BUSY_WORKER = """
+import asyncio, os, sys, time
+from avatarforcing.serve.workers import Workers
+
+async def main():
+    workers = Workers()
+    print(await workers.run(os.getpid), flush=True)  # the worker's pid
+    asyncio.ensure_future(workers.run(time.sleep, 60))  # a long job, mid-way when the server dies
+    await asyncio.sleep(0.5)
+    os.kill(os.getpid(), 9)  # the server is killed: no shutdown, no close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_workers_process_ends_with_its_server(tmp_path):
+    """A server killed (or stopped) mid-job must not leave its /speak and /prepare worker behind: before, every
+    benchmark run left a niced orphan (one still busy with a flood's job, taking a third of a core)."""
+    import os
+    import subprocess
+    import sys
+
+    with open(tmp_path / "out", "w") as out:  # a file, not a pipe: an orphan holding a pipe would block here
+        subprocess.run([sys.executable, "-c", SERVER_WITH_A_BUSY_WORKER], stdout=out, timeout=60)
+    worker = int((tmp_path / "out").read_text().split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return  # gone
+        time.sleep(0.1)
+    os.kill(worker, 9)
+    raise AssertionError("the worker outlived its server by 10 s")
+
+
 def test_a_fast_sender_is_rendered_at_most_max_speedup_times_real_time(avatar):
     limits = Limits(max_speedup=1.0)
     pcm = speech(3.0)

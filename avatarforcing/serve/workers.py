@@ -1,7 +1,8 @@
 """CPU work that is not a stream's: ``/speak`` (speech synthesis) and ``/prepare`` (decoding and fitting an
 uploaded portrait) run in one worker process at low priority (``nice`` 10), one job at a time, so a flood of
 them takes the CPU only when the streams' model steps leave it idle. The gates (admission.Gate) bound how many
-jobs may wait; the process bounds what the jobs may take.
+jobs may wait; the process bounds what the jobs may take. The worker ends itself within ``WATCH_S`` once the
+server process is gone, however it went (stopped mid-job, killed).
 """
 
 from __future__ import annotations
@@ -17,10 +18,23 @@ import numpy as np
 from .protocol import ClientError
 
 NICE = 10
+WATCH_S = 0.5  # how often the worker checks that its server is still there
 
 
-def _lower_priority() -> None:
+def _worker_start(server_pid: int) -> None:
+    """In the worker: low priority, and a watchdog that ends the worker once the server is gone (a server killed
+    or stopped mid-job must not leave its worker running, or idle, for ever)."""
+    import threading
+    import time
+
     os.nice(NICE)
+
+    def watch() -> None:
+        while os.getppid() == server_pid:
+            time.sleep(WATCH_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="server-watchdog").start()
 
 
 class Workers:
@@ -32,7 +46,7 @@ class Workers:
     async def run(self, fn, *args):
         if self.pool is None:
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_lower_priority)
+                                            initializer=_worker_start, initargs=(os.getpid(),))
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def close(self) -> None:
