@@ -125,8 +125,8 @@ def test_the_scheduler_serves_real_time_streams_first():
     sched = Scheduler(avatar, Limits(), Metrics())
     now = time.monotonic()
     fast, paced = avatar.session(_image(0), seed=0), avatar.session(_image(1), seed=1)
-    fast_job = _Push(fast, speech(20.0), None, t_start=now - 1.0)  # 20 s of audio one second in
-    paced_job = _Push(paced, speech(1.5), None, t_start=now - 1.5)  # as much audio as wall time
+    fast_job = _Push(fast, speech(20.0), None, t_start=now - 1.0, client_s=lambda: 20.0)  # 20 s one second in
+    paced_job = _Push(paced, speech(1.5), None, t_start=now - 1.5, client_s=lambda: 1.5)  # as much as wall time
     sched._iteration([], [fast_job, paced_job])
     assert paced.blocks_in == 1 and fast.blocks_in == 0  # the real-time stream's block went alone
     while paced.ready():
@@ -134,6 +134,28 @@ def test_the_scheduler_serves_real_time_streams_first():
     assert fast.blocks_in == 0
     sched._iteration([], [fast_job, paced_job])  # nothing real-time is ready: the spare step is the fast one's
     assert fast.blocks_in == 1
+    sched.close()
+
+
+def test_a_fast_sender_behind_the_clock_is_still_not_real_time():
+    """A client that sent a minute of audio at once, whose stream only got spare steps so far: the model has been
+    given less audio than the wall clock (it fell behind), but its client is far ahead, so it still waits while a
+    paced stream has a block ready (judged by what the model was given, it took half of every step)."""
+    import time
+
+    from avatarforcing.serve.engine import Scheduler, _Push
+    from avatarforcing.serve.metrics import Metrics
+    from avatarforcing.serve.spec import Limits
+
+    avatar = Avatar.random(tiny_cfg())
+    sched = Scheduler(avatar, Limits(), Metrics())
+    now = time.monotonic()
+    fast, paced = avatar.session(_image(0), seed=0), avatar.session(_image(1), seed=1)
+    fast_job = _Push(fast, speech(1.0), None, t_start=now - 5.0, client_s=lambda: 60.0)  # 1 s given, 5 s in
+    paced_job = _Push(paced, speech(1.5), None, t_start=now - 1.5, client_s=lambda: 1.5)
+    while paced.ready() or not paced_job.fed:
+        sched._iteration([], [fast_job, paced_job])
+    assert fast.blocks_in == 0 and paced.blocks_in > 0
     sched.close()
 
 
@@ -179,7 +201,7 @@ def test_a_drain_takes_one_model_step_per_iteration_and_equals_close():
     other_job_t = time.monotonic() - 10.0
     from avatarforcing.serve.engine import _Push
 
-    push = _Push(other, speech(10.0), None, t_start=other_job_t)  # a real-time neighbour with blocks ready
+    push = _Push(other, speech(10.0), None, t_start=other_job_t, client_s=lambda: 10.0)  # real time, blocks ready
     while not twins[1].closed:
         before = other.blocks_in
         sched._iteration([], [push], [job])

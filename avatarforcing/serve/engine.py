@@ -5,7 +5,7 @@ together (``engine.Engine``), live streams first.
                     applies its inbox (push, segment_end, interrupt), advances its clock and hands it (frames,
                     events, samples taken) in its outbox; detach(feed); on 'end': await drain(live) -> its last
                     frames, the window drained one model step per iteration (between the other streams' steps)
-    offline stream  await push(session, pcm, t_start) -> frames: fed at once, then one of its blocks per
+    offline stream  await push(session, pcm, t_start, client_s) -> frames: fed at once, then one of its blocks per
                     scheduler iteration, batched with everything else due; a stream whose audio came ahead of its
                     wall clock (sent faster than real time) only takes iterations no real-time stream needs
     anything else   await call(fn): runs in the scheduler thread between iterations
@@ -48,7 +48,8 @@ class _Push:
     session: object  # session.Session
     pcm: object
     future: asyncio.Future
-    t_start: float  # the stream's start (monotonic): its blocks are ahead of real time past the wall clock
+    t_start: float  # the stream's start (monotonic)
+    client_s: object  # () -> seconds of audio its client has sent so far (read from the socket, pushed or not)
     fed: bool = False
     done: bool = False  # no more of its blocks were ready
     frames: list = field(default_factory=list)
@@ -74,6 +75,7 @@ class Scheduler:
     def __init__(self, avatar, limits: Limits, metrics: Metrics):
         c = avatar.cfg
         self.block_s = c.stream.block_frames * c.codec.temporal_stride / c.codec.fps
+        self.ahead_s = limits.push_seconds + self.block_s  # a client further ahead of the wall clock is not paced
         self.rate = c.codec.sample_rate
         self.engine = Engine(batch=limits.batch)
         self.metrics = metrics
@@ -106,9 +108,10 @@ class Scheduler:
     def detach(self, stream) -> None:
         self.lives = [(s, live) for s, live in self.lives if s is not stream]
 
-    async def push(self, session, pcm, t_start: float) -> list:
-        """An offline stream's audio (the stream started at ``t_start``, monotonic) -> the frames it made."""
-        job = _Push(session, pcm, asyncio.get_running_loop().create_future(), t_start)
+    async def push(self, session, pcm, t_start: float, client_s) -> list:
+        """An offline stream's audio (the stream started at ``t_start``, monotonic; ``client_s()``: the seconds of
+        audio its client has sent so far) -> the frames it made."""
+        job = _Push(session, pcm, asyncio.get_running_loop().create_future(), t_start, client_s)
         self.pushes.append(job)
         self._kick()
         return await job.future
@@ -213,9 +216,10 @@ class Scheduler:
                 job.fed, job.pcm = True, None
         live_ok = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
         # real-time streams first: a stream whose client has sent audio ahead of the wall clock (faster than real
-        # time, by more than a block) waits while any live or real-time stream has a block ready, and takes the
-        # compute nobody else needs
-        ahead = [job.session.received / self.rate > now - job.t_start + self.block_s for job in pushes]
+        # time, by more than a push and a block: a paced client's chunk is not "ahead") waits while any live or
+        # real-time stream has a block ready, and takes the compute nobody else needs. What the client sent counts,
+        # not what the model was given: a fast sender that only gets spare steps falls behind the wall clock
+        ahead = [job.client_s() > now - job.t_start + self.ahead_s for job in pushes]
         urgent = any(lives[i][1].session.ready() for i in live_ok) or \
             any(job.session.ready() for job, a in zip(pushes, ahead) if not a)
         pushes = [job for job, a in zip(pushes, ahead) if not (a and urgent)]

@@ -209,7 +209,8 @@ class Stream:
                 if self.writer is not None:
                     self.writer.add_audio(pcm)
                 await self.pace(len(pcm))
-                out = await self.shared.scheduler.push(session, pcm, self.t_start)  # batched with the others' blocks
+                out = await self.shared.scheduler.push(session, pcm, self.t_start,  # batched with the others' blocks
+                                                       lambda: self.received / self.codec.sample_rate)
                 if final:
                     out += await self.shared.scheduler.drain(session)  # one step per iteration
                 await self.emit(out)
