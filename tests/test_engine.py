@@ -159,6 +159,40 @@ def test_a_fast_sender_behind_the_clock_is_still_not_real_time():
     sched.close()
 
 
+def test_a_spare_step_waits_for_a_real_time_block_due_before_it_would_end():
+    """Steps are not preempted: a spare step (only a fast sender has work) started just before a paced stream's
+    next block delays that block by a whole step, at every block. The scheduler holds it back until the block
+    is due when it would come before the step ends, and lets it go when there is time for it."""
+    import time
+
+    from avatarforcing.serve.engine import Scheduler, _Push
+    from avatarforcing.serve.metrics import Metrics
+    from avatarforcing.serve.spec import Limits
+
+    avatar = Avatar.random(tiny_cfg())
+    sched = Scheduler(avatar, Limits(), Metrics())
+    now = time.monotonic()
+    fast, paced = avatar.session(_image(0), seed=0), avatar.session(_image(1), seed=1)
+    look = paced.lookahead_ms / 1000
+    due_s = {"paced": 0.03}  # its client will have sent its next block's audio in 30 ms
+    paced_sent = lambda: sched.block_s + look - due_s["paced"]  # noqa: E731
+    paced_job = _Push(paced, None, None, t_start=now - paced_sent(), client_s=paced_sent)
+    fast_job = _Push(fast, None, None, t_start=now - 1.0, client_s=lambda: 60.0)
+    sched.step_s = 0.1  # a step takes 100 ms
+    assert sched._hold_s(now) == 0.0  # nothing pending
+    sched.pushes, sched.paced = [fast_job], {id(paced): paced_job}
+    assert sched._hold_s(now) == pytest.approx(0.03, abs=1e-3)  # held until the paced block is due
+    due_s["paced"] = 0.5
+    assert sched._hold_s(now) == 0.0  # time enough for a spare step
+    due_s["paced"] = -0.02  # its audio came, its push is on its way: a short hold, then again
+    assert 0 < sched._hold_s(now) <= 0.02
+    sched.pushes = [fast_job, paced_job]
+    assert sched._hold_s(now) == 0.0  # a real-time push waits: the iteration goes (and takes it first)
+    sched.pushes, paced.closed = [fast_job], True
+    assert sched._hold_s(now) == 0.0 and not sched.paced  # an ended stream holds nothing back
+    sched.close()
+
+
 def test_compute_threads_apply_in_the_models_own_thread():
     """torch's thread count is per thread: set in the caller's it would not reach the scheduler's."""
     from avatarforcing.serve.engine import Scheduler

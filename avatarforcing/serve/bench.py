@@ -46,15 +46,17 @@ def _client(url: str, seconds: float, out: dict) -> None:
         out["error"] = f"{type(e).__name__}: {e}"
         return
     look = (cl.ready or {}).get("lookahead_ms", 0) / 1000
-    lat = []
+    lat = []  # frames whose audio (and look-ahead) the client sent: their latency from that audio's send time
     for idx, ta in arrivals:  # frame idx needs audio up to (idx + 1)/25 s + look-ahead
-        need = (idx + 1) / 25 + look
-        k = min(len(sent_at) - 1, int(need * rate / chunk))
-        lat.append(1000 * (ta - sent_at[k]))
+        k = int(((idx + 1) / 25 + look) * rate / chunk)
+        if k < len(sent_at):
+            lat.append(1000 * (ta - sent_at[k]))
+    # the last frames need audio past the end: they are made once 'end' says there is none (the window's drain)
+    end_ms = 1000 * (arrivals[-1][1] - sent_at[-1]) if arrivals else None
     dur = arrivals[-1][1] - arrivals[0][1] if len(arrivals) > 1 else float("nan")
     out.update(frames=len(arrivals), fps=(len(arrivals) - 1) / dur if dur == dur and dur > 0 else None,
                latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p95=float(np.percentile(lat, 95)),
-               frames_late=int(sum(x > LATE_MS for x in lat)))
+               frames_late=int(sum(x > LATE_MS for x in lat)), frames_timed=len(lat), end_ms=end_ms)
 
 
 def start_server(model: str, port: int, flags: list[str], timeout: float = 300.0):

@@ -76,6 +76,8 @@ class Scheduler:
         c = avatar.cfg
         self.block_s = c.stream.block_frames * c.codec.temporal_stride / c.codec.fps
         self.ahead_s = limits.push_seconds + self.block_s  # a client further ahead of the wall clock is not paced
+        self.paced: dict[int, _Push] = {}  # every offline stream's latest push, by session (kept between pushes)
+        self.step_s = 0.0  # a recent iteration's wall time (moving average): how long a spare step holds the model
         self.rate = c.codec.sample_rate
         self.engine = Engine(batch=limits.batch)
         self.metrics = metrics
@@ -112,6 +114,7 @@ class Scheduler:
         """An offline stream's audio (the stream started at ``t_start``, monotonic; ``client_s()``: the seconds of
         audio its client has sent so far) -> the frames it made."""
         job = _Push(session, pcm, asyncio.get_running_loop().create_future(), t_start, client_s)
+        self.paced[id(session)] = job
         self.pushes.append(job)
         self._kick()
         return await job.future
@@ -159,6 +162,13 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while self.lives or self.pushes or self.calls or self.drains:
             self.wake.clear()
+            hold = self._hold_s(time.monotonic())
+            if hold > 0:  # only spare work, and a real-time block is due before it would end: wait for that
+                try:
+                    await asyncio.wait_for(self.wake.wait(), hold)
+                except TimeoutError:
+                    pass
+                continue
             t0 = time.monotonic()
             calls, self.calls = self.calls, []
             lives, pushes, drains = list(self.lives), list(self.pushes), list(self.drains)
@@ -174,6 +184,7 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - a fault of the scheduler itself: every stream of it fails
                 log.error("scheduler iteration failed", exc_info=e)
                 results, error, more = [e] * len(lives), e, False
+            self.step_s = 0.8 * self.step_s + 0.2 * (time.monotonic() - t0) if self.step_s else time.monotonic() - t0
             for (feed, _), out in zip(lives, results):
                 feed.outbox.put_nowait(out)
             for job in pushes:
@@ -195,6 +206,34 @@ class Scheduler:
                 except TimeoutError:
                     pass
 
+    def _ahead(self, job: _Push, now: float) -> bool:
+        """Its client has sent audio ahead of the wall clock: by more than a push and a block (a paced client's
+        chunk is not "ahead"). What the client sent counts, not what the model was given: a fast sender that only
+        gets spare steps falls behind the wall clock."""
+        return job.client_s() > now - job.t_start + self.ahead_s
+
+    def _hold_s(self, now: float) -> float:
+        """How long to hold back a spare step (only streams sent ahead of the wall clock have work): until the
+        next block of a real-time offline stream is due, when that comes before the step would end. Steps are not
+        preempted, so a spare step started just before a real-time block would delay it by a whole step, at every
+        block (the paced stream then falls ever further behind). 0: go now."""
+        for key, job in list(self.paced.items()):  # forget ended streams, and streams silent for a while
+            if job.session.closed or now - job.t_start > job.client_s() + 2 * self.ahead_s:
+                del self.paced[key]
+        if self.lives or self.drains or self.calls or not self.pushes or not self.step_s or \
+                not all(self._ahead(job, now) for job in self.pushes):
+            return 0.0
+        waiting = {id(job.session) for job in self.pushes}
+        due = [self._due_in(job, now) for key, job in self.paced.items()
+               if key not in waiting and not self._ahead(job, now)]
+        hold = min(due, default=float("inf"))
+        return max(hold, TICK_S / 4) if hold < self.step_s else 0.0
+
+    def _due_in(self, job: _Push, now: float) -> float:
+        """Seconds until a paced stream's client has sent the audio (and look-ahead) of its next block."""
+        need = (job.session.blocks_in + 1) * self.block_s + job.session.lookahead_ms / 1000
+        return need - job.client_s()
+
     # ---------------------------------------------------------------- one iteration (scheduler thread)
 
     def _iteration(self, lives: list, pushes: list[_Push], drains: list[_Drain] = ()) -> \
@@ -215,11 +254,9 @@ class Scheduler:
                 job.session.feed(job.pcm)
                 job.fed, job.pcm = True, None
         live_ok = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
-        # real-time streams first: a stream whose client has sent audio ahead of the wall clock (faster than real
-        # time, by more than a push and a block: a paced client's chunk is not "ahead") waits while any live or
-        # real-time stream has a block ready, and takes the compute nobody else needs. What the client sent counts,
-        # not what the model was given: a fast sender that only gets spare steps falls behind the wall clock
-        ahead = [job.client_s() > now - job.t_start + self.ahead_s for job in pushes]
+        # real-time streams first: a stream whose client has sent audio ahead of the wall clock waits while any
+        # live or real-time stream has a block ready, and takes the compute nobody else needs (``_hold_s``)
+        ahead = [self._ahead(job, now) for job in pushes]
         urgent = any(lives[i][1].session.ready() for i in live_ok) or \
             any(job.session.ready() for job, a in zip(pushes, ahead) if not a)
         pushes = [job for job, a in zip(pushes, ahead) if not (a and urgent)]
