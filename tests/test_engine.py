@@ -177,7 +177,7 @@ def test_a_spare_step_waits_for_a_real_time_block_due_before_it_would_end():
     due_s = {"paced": 0.03}  # its client will have sent its next block's audio in 30 ms
     paced_sent = lambda: sched.block_s + look - due_s["paced"]  # noqa: E731
     paced_job = _Push(paced, None, None, t_start=now - paced_sent(), client_s=paced_sent)
-    fast_job = _Push(fast, None, None, t_start=now - 1.0, client_s=lambda: 60.0)
+    fast_job = _Push(fast, speech(2.0), None, t_start=now - 1.0, client_s=lambda: 60.0)
     sched.step_s = 0.1  # a step takes 100 ms
     assert sched._hold_s(now) == 0.0  # nothing pending
     sched.pushes, sched.paced = [fast_job], {id(paced): paced_job}
@@ -188,6 +188,9 @@ def test_a_spare_step_waits_for_a_real_time_block_due_before_it_would_end():
     assert 0 < sched._hold_s(now) <= 0.02
     sched.pushes = [fast_job, paced_job]
     assert sched._hold_s(now) == 0.0  # a real-time push waits: the iteration goes (and takes it first)
+    due_s["paced"], paced_job.pcm = 0.03, speech(0.01)  # a push without a whole block: fed, and the fast one
+    sched._iteration([], [fast_job, paced_job])  # does not take the step (the paced block is due before its end)
+    assert fast.blocks_in == 0 and paced_job.fed
     sched.pushes, paced.closed = [fast_job], True
     assert sched._hold_s(now) == 0.0 and not sched.paced  # an ended stream holds nothing back
     sched.close()

@@ -256,9 +256,10 @@ class Scheduler:
         live_ok = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
         # real-time streams first: a stream whose client has sent audio ahead of the wall clock waits while any
         # live or real-time stream has a block ready, and takes the compute nobody else needs (``_hold_s``)
-        ahead = [self._ahead(job, now) for job in pushes]
+        ahead = [self._ahead(job, now) for job in pushes]  # (a real-time block due before a step would end is
         urgent = any(lives[i][1].session.ready() for i in live_ok) or \
-            any(job.session.ready() for job, a in zip(pushes, ahead) if not a)
+            any(job.session.ready() or self._due_in(job, now) < self.step_s  # as good as ready: ``_hold_s``)
+                for job, a in zip(pushes, ahead) if not a)
         pushes = [job for job, a in zip(pushes, ahead) if not (a and urgent)]
         sessions = [lives[i][1].session for i in live_ok] + [job.session for job in pushes]
         rounds = self.engine.rounds
