@@ -164,16 +164,18 @@ def test_speech_and_portraits_run_in_a_low_priority_process():
 
     workers = Workers()
     try:
-        pid, nice = asyncio.run(workers.run(_pid_and_nice))
+        pid, nice, policy = asyncio.run(workers.run(_pid_nice_policy))
     finally:
         workers.close()
     assert pid != os.getpid() and nice >= os.nice(0) + NICE
+    if hasattr(os, "SCHED_IDLE"):
+        assert policy == os.SCHED_IDLE  # only what the model's threads leave idle
 
 
-def _pid_and_nice():
+def _pid_nice_policy():
     import os
 
-    return os.getpid(), os.nice(0)
+    return os.getpid(), os.nice(0), os.sched_getscheduler(0) if hasattr(os, "SCHED_IDLE") else None
 
 
 SERVER_WITH_A_BUSY_WORKER = """

@@ -1,6 +1,6 @@
 """CPU work that is not a stream's: ``/speak`` (speech synthesis) and ``/prepare`` (decoding and fitting an
-uploaded portrait) run in one worker process at low priority (``nice`` 10), one job at a time, so a flood of
-them takes the CPU only when the streams' model steps leave it idle. The gates (admission.Gate) bound how many
+uploaded portrait) run in one worker process at the lowest priority (Linux's ``SCHED_IDLE``, and ``nice`` 10
+elsewhere), one job at a time, so a flood of them takes the CPU only when the streams' model steps leave it idle. The gates (admission.Gate) bound how many
 jobs may wait; the process bounds what the jobs may take. The worker ends itself within ``WATCH_S`` once the
 server process is gone, however it went (stopped mid-job, killed).
 """
@@ -28,6 +28,10 @@ def _worker_start(server_pid: int) -> None:
     import time
 
     os.nice(NICE)
+    try:  # Linux: run only on a core nothing else wants (nice 10 still takes ~10% of a core from the model's
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # threads, and a parallel op waits for both)
+    except (AttributeError, OSError):
+        pass
 
     def watch() -> None:
         while os.getppid() == server_pid:
