@@ -224,12 +224,12 @@ class Scheduler:
                 not all(self._ahead(job, now) for job in self.pushes):
             return 0.0
         waiting = {id(job.session) for job in self.pushes}
-        due = [self._due_in(job, now) for key, job in self.paced.items()
+        due = [self._due_in(job) for key, job in self.paced.items()
                if key not in waiting and not self._ahead(job, now)]
         hold = min(due, default=float("inf"))
         return max(hold, TICK_S / 4) if hold < self.step_s else 0.0
 
-    def _due_in(self, job: _Push, now: float) -> float:
+    def _due_in(self, job: _Push) -> float:
         """Seconds until a paced stream's client has sent the audio (and look-ahead) of its next block."""
         need = (job.session.blocks_in + 1) * self.block_s + job.session.lookahead_ms / 1000
         return need - job.client_s()
@@ -256,10 +256,10 @@ class Scheduler:
         live_ok = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
         # real-time streams first: a stream whose client has sent audio ahead of the wall clock waits while any
         # live or real-time stream has a block ready, and takes the compute nobody else needs (``_hold_s``)
-        ahead = [self._ahead(job, now) for job in pushes]  # (a real-time block due before a step would end is
+        # (a real-time block due before a step would end is as good as ready: see ``_hold_s``)
+        ahead = [self._ahead(job, now) for job in pushes]
         urgent = any(lives[i][1].session.ready() for i in live_ok) or \
-            any(job.session.ready() or self._due_in(job, now) < self.step_s  # as good as ready: ``_hold_s``)
-                for job, a in zip(pushes, ahead) if not a)
+            any(job.session.ready() or self._due_in(job) < self.step_s for job, a in zip(pushes, ahead) if not a)
         pushes = [job for job, a in zip(pushes, ahead) if not (a and urgent)]
         sessions = [lives[i][1].session for i in live_ok] + [job.session for job in pushes]
         rounds = self.engine.rounds

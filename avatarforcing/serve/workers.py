@@ -1,8 +1,8 @@
 """CPU work that is not a stream's: ``/speak`` (speech synthesis) and ``/prepare`` (decoding and fitting an
 uploaded portrait) run in one worker process at the lowest priority (Linux's ``SCHED_IDLE``, and ``nice`` 10
-elsewhere), one job at a time, so a flood of them takes the CPU only when the streams' model steps leave it idle. The gates (admission.Gate) bound how many
-jobs may wait; the process bounds what the jobs may take. The worker ends itself within ``WATCH_S`` once the
-server process is gone, however it went (stopped mid-job, killed).
+elsewhere), one job at a time, so a flood of them takes the CPU only when the streams' model steps leave it
+idle. The gates (admission.Gate) bound how many jobs may wait; the process bounds what the jobs may take. The
+worker ends itself within ``WATCH_S`` once the server process is gone, however it went (stopped mid-job, killed).
 """
 
 from __future__ import annotations
