@@ -5,7 +5,7 @@ option cannot reach one and miss the other.
     ServingSpec
       model, device, dtype, engine      -> Avatar.load                 (every process that runs the model)
       prompt, prompt_embeds             -> the sessions' default prompt
-      host, port                        -> uvicorn, or the Ray Serve proxy
+      host, port                        -> uvicorn: the single server, or serve --ray's front door (front.py)
       limits: Limits                    -> create_app (per serving process: one server, or each replica)
       ray: RayOptions | None            -> replicas, autoscaling, GPUs, cluster address (None: one process)
 """
