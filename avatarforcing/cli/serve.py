@@ -39,7 +39,8 @@ def add(sub) -> None:
                         "ones). Default: host candidates only")
     v.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
     r = v.add_argument_group("Ray Serve (many replicas, GPUs, machines; pip install -e '.[ray]')")
-    r.add_argument("--ray", action="store_true", help="serve as a Ray Serve application")
+    r.add_argument("--ray", action="store_true", help="serve as a Ray Serve application (its proxy on loopback, behind "
+                   "a front door with the single server's HTTP limits on --host/--port)")
     r.add_argument("--replicas", type=int, default=2, help="fixed number of replicas (default 2)")
     r.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale replicas on live sessions instead")
     r.add_argument("--sessions-per-replica", type=int, dest="max_sessions", metavar="K",
