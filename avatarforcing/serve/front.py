@@ -10,9 +10,11 @@ keeps a slow one open, negotiates per-message deflate and buffers a whole messag
 refuse it. So under ``--ray`` it listens on loopback only, and clients reach this front door instead.
 
 The relay tells the replica who the client is and which host it asked for (``X-Forwarded-For`` and
-``X-Forwarded-Host``, always overwritten: a client cannot choose them), and a replica's ``FromFront`` puts them
-back into the request, so the Host allow-list, the Origin rule and the per-client limits see the client, not
-the relay. Only replicas trust the headers, and only the front door (on the same machine) can reach Ray's proxy.
+``X-Forwarded-Host``, always overwritten), and a replica's ``FromFront`` puts them back into the request, so the
+Host allow-list, the Origin rule and the per-client limits see the client, not the relay. "Who the client is" is
+the peer the front door's uvicorn saw, or, as the single server does, the ``X-Forwarded-For`` of a reverse proxy
+on this machine (uvicorn trusts ``127.0.0.1``); a remote client cannot choose it. Only replicas trust the
+headers, and only the front door (on the same machine) can reach Ray's proxy.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class FrontDoor:
 
         self.base = f"127.0.0.1:{upstream_port}"
         self.http = httpx.AsyncClient(
-            base_url=f"http://{self.base}", follow_redirects=False,
+            follow_redirects=False,
             timeout=httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=10.0),
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=32))
         self.relays: set[asyncio.Task] = set()  # open WebSocket relays
@@ -109,8 +111,8 @@ class FrontDoor:
                     return
 
         length = [(b"content-length", v) for k, v in scope.get("headers", ()) if k == b"content-length"]
-        path = scope.get("raw_path") or scope["path"].encode()
-        url = path.decode("latin-1") + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+        target = _target(scope)  # verbatim: a path such as //host/x stays a path on the upstream
+        url = httpx.URL(f"http://{self.base}").copy_with(raw_path=target)
         request = self.http.build_request(scope["method"], url, headers=upstream_headers(scope) + length,
                                           content=body())
         try:
@@ -137,9 +139,7 @@ class FrontDoor:
 
         if (await receive())["type"] != "websocket.connect":
             return
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        url = f"ws://{self.base}{path}" + ("?" + scope["query_string"].decode("latin-1")
-                                           if scope["query_string"] else "")
+        url = f"ws://{self.base}{_target(scope).decode('latin-1')}"
         headers = upstream_headers(scope, drop={b"origin", b"user-agent"} | {
             k for k, _ in scope.get("headers", ()) if k.startswith(b"sec-websocket-")})
         given = dict(scope.get("headers", ()))
@@ -202,10 +202,17 @@ class FrontDoor:
             pass
 
 
+def _target(scope) -> bytes:
+    """The request target as the client sent it: raw path and query."""
+    path = scope.get("raw_path") or scope["path"].encode()
+    return path + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
+
+
 async def _answer(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
 
 
 def front_server(spec: ServingSpec, upstream_port: int, notify_shutdown, **kw):
