@@ -4,21 +4,14 @@ clients, in one run)."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import numpy as np
 
+from .http import free_port
+
 LATE_MS = 500.0  # a frame later than this after the audio it needed arrived (the server's late_ms)
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _client(url: str, seconds: float, out: dict) -> None:
@@ -194,7 +187,7 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
     """S real-time clients against ``avatarforcing serve`` started in its own process (its own GIL, as in
     production), for each S in ``sessions``; with ``ray_replicas``, the same sweep against ``serve --ray``
     with that many replicas (sessions per replica: enough for the largest S), in the same run."""
-    port = _free_port()
+    port = free_port()
     proc = start_server(model, port, ["--max-sessions", str(max(*sessions, 2 if neighbours else 1))])
     try:
         results = _sweep(port, sessions, seconds, "single process")
@@ -207,7 +200,7 @@ def bench_serve(model: str = "mini", sessions: list[int] = (1, 2, 4), seconds: f
         from . import ray as afray
         from .spec import Limits, RayOptions, ServingSpec
 
-        port, per_replica = _free_port(), -(-max(sessions) // ray_replicas)
+        port, per_replica = free_port(), -(-max(sessions) // ray_replicas)
         with afray.running(ServingSpec(model=model, port=port, limits=Limits(max_sessions=per_replica),
                                        ray=RayOptions(replicas=ray_replicas)), log_level="warning"):
             results += _sweep(port, sessions, seconds, f"ray, {ray_replicas} replicas")

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import _free_port, _idle, start_server
+from .bench import _idle, start_server
+from .http import free_port
 
 WARMUP_S = 3.0  # first seconds of each session not counted (start-up, first frames)
 REALTIME_FPS = 0.95  # a session holds real time at >= this fraction of the model's fps ...
@@ -150,7 +151,7 @@ def bench_live_serve(model: str = "mini", sessions: list[int] = (1, 2, 3, 4), se
         servers = {}
         try:
             for mode, extra in MODES:  # both up; the idle one costs nothing while the other is measured
-                port, t0 = _free_port(), time.monotonic()
+                port, t0 = free_port(), time.monotonic()
                 servers[mode] = (port, start_server(model, port, flags + extra, timeout=1800),
                                  round(time.monotonic() - t0, 1))
             rows = []

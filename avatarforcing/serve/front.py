@@ -30,16 +30,17 @@ log = logging.getLogger("avatarforcing.serve")
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
               b"upgrade", b"proxy-authenticate", b"proxy-authorization"}
-SET_BY_THE_RELAY = {b"host", b"x-forwarded-for", b"x-forwarded-host", b"content-length"}
 FORWARDED_FOR, FORWARDED_HOST = b"x-forwarded-for", b"x-forwarded-host"
+SET_BY_THE_RELAY = {b"host", FORWARDED_FOR, FORWARDED_HOST, b"content-length"}
 SET_BY_THE_SERVER = {b"date", b"server"}  # the front door's uvicorn writes its own
 RELAY_QUEUE = 16  # messages the relay holds from the replica while the client is slow to read (then backpressure)
 
 
-def upstream_headers(scope, drop: set[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
-    """The client's end-to-end headers, plus who the client is and which host it asked for (overwritten)."""
+def upstream_headers(scope) -> list[tuple[bytes, bytes]]:
+    """The client's end-to-end headers (a WebSocket handshake's own are the relay's to make), plus who the client
+    is and which host it asked for (overwritten)."""
     headers = [(k, v) for k, v in scope.get("headers", ())
-               if k not in HOP_BY_HOP and k not in SET_BY_THE_RELAY and k not in drop]
+               if k not in HOP_BY_HOP and k not in SET_BY_THE_RELAY and not k.startswith(b"sec-websocket-")]
     host = next((v for k, v in scope.get("headers", ()) if k == b"host"), b"")
     client = (scope.get("client") or ("",))[0]
     return headers + [(FORWARDED_FOR, client.encode("latin-1")), (FORWARDED_HOST, host)]
@@ -140,28 +141,18 @@ class FrontDoor:
         if (await receive())["type"] != "websocket.connect":
             return
         url = f"ws://{self.base}{_target(scope).decode('latin-1')}"
-        headers = upstream_headers(scope, drop={b"origin", b"user-agent"} | {
-            k for k, _ in scope.get("headers", ()) if k.startswith(b"sec-websocket-")})
-        given = dict(scope.get("headers", ()))
-        for name in (b"origin", b"user-agent"):  # the handshake sets these: pass the client's own
-            if name in given:
-                headers.append((name, given[name]))
-        try:
-            upstream = await connect(url, additional_headers=[(k.decode("latin-1"), v.decode("latin-1"))
-                                                              for k, v in headers],
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream_headers(scope)]
+        try:  # the client's Origin and User-Agent pass as they are (the relay adds neither)
+            upstream = await connect(url, additional_headers=headers,
                                      user_agent_header=None, subprotocols=scope.get("subprotocols") or None,
                                      compression=None, max_size=None, max_queue=RELAY_QUEUE, ping_interval=None,
                                      open_timeout=30)
         except InvalidStatus as e:  # refused by the replica before accepting (Origin, Host): the same answer
-            await send({"type": "websocket.http.response.start", "status": e.response.status_code,
-                        "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "websocket.http.response.body", "body": bytes(e.response.body or b"")})
+            await _refuse(send, e.response.status_code, bytes(e.response.body or b""))
             return
         except Exception as e:  # noqa: BLE001 - no replica answered: the client is refused (502)
             log.warning("front door: no replica took a WebSocket: %s", type(e).__name__)
-            await send({"type": "websocket.http.response.start", "status": 502,
-                        "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "websocket.http.response.body", "body": b"no replica could be reached\n"})
+            await _refuse(send, 502, b"no replica could be reached\n")
             return
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
 
@@ -208,6 +199,13 @@ def _target(scope) -> bytes:
     return path + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
 
 
+async def _refuse(send, status: int, body: bytes) -> None:
+    """A WebSocket refused before it is accepted, with an HTTP status."""
+    await send({"type": "websocket.http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 async def _answer(send, status: int, body: dict) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
@@ -218,13 +216,13 @@ async def _answer(send, status: int, body: dict) -> None:
 def front_server(spec: ServingSpec, upstream_port: int, notify_shutdown, **kw):
     """The front door under uvicorn with the single process's limits (serve/http.py), sized for the deployment's
     slots; ``notify_shutdown``: a coroutine function that has every replica tell its streams (ray.py)."""
-    from .http import Server, config
+    from .http import Server, config, connection_limit
 
     r, limits = spec.ray, spec.limits
     replicas = (r.autoscale[1] if r.autoscale else r.replicas) if r else 1
     deployment = replace(limits, max_sessions=limits.max_sessions * replicas,
                          max_pending=limits.max_pending * replicas)
-    app = FrontDoor(upstream_port, connections=deployment.max_sessions + deployment.max_pending + 64)
+    app = FrontDoor(upstream_port, connections=connection_limit(deployment))
 
     async def tell_then_drain() -> None:
         await notify_shutdown()

@@ -111,6 +111,20 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def connection_limit(limits: Limits) -> int:
+    """Connections that have sent a request, at most (503 beyond): every slot, every pending start, and room."""
+    return limits.max_sessions + limits.max_pending + 64
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (an internal listener, a test or benchmark server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def config(app, host: str, port: int, limits: Limits, header_timeout_s: float = 10.0,
            ping_interval_s: float = 20.0, ping_timeout_s: float | None = None,
            log_level: str = "info") -> uvicorn.Config:
@@ -118,7 +132,7 @@ def config(app, host: str, port: int, limits: Limits, header_timeout_s: float = 
     return uvicorn.Config(
         HeaderLimit(app), host=host, port=port, log_level=log_level, http=protocol, ws="websockets",
         h11_max_incomplete_event_size=HEAD_LIMIT, timeout_keep_alive=5, timeout_graceful_shutdown=10,
-        limit_concurrency=limits.max_sessions + limits.max_pending + 64,
+        limit_concurrency=connection_limit(limits),
         ws_max_size=limits.max_message_bytes + 64 * 1024, ws_per_message_deflate=False,
         ws_ping_interval=ping_interval_s, ws_ping_timeout=ping_timeout_s, server_header=False)
 

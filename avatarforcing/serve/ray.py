@@ -236,12 +236,6 @@ def stop() -> None:
         ray.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def front_door(spec: ServingSpec, proxy_port: int, **kw):
     """The front door (front.py) for a deployment whose proxy listens on ``proxy_port``: on SIGTERM / SIGINT it
     first has every replica send its streams the ``shutdown`` frame. ``kw``: http.config's timeouts."""
@@ -257,6 +251,8 @@ def front_door(spec: ServingSpec, proxy_port: int, **kw):
 def running(spec: ServingSpec, **kw):
     """The deployment as ``serve --ray`` runs it, with the front door in a thread (tests, benchmarks): yields the
     front door's server (``should_exit = True`` does what SIGTERM does); taken down on exit."""
+    from .http import free_port
+
     proxy_port = free_port()
     try:
         start(spec, proxy_port)
@@ -274,7 +270,7 @@ def running(spec: ServingSpec, **kw):
 
 def serve_forever(spec: ServingSpec) -> None:
     """``avatarforcing serve --ray``: deploy, serve the front door until SIGINT/SIGTERM, take the deployment down."""
-    from .http import log_to_stderr
+    from .http import free_port, log_to_stderr
 
     proxy_port = free_port()
     try:
