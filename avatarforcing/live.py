@@ -14,6 +14,15 @@ the block's own media time, never earlier, so video never runs ahead of the cloc
                       the open segment ended              -> commit what is queued, padded with silence
     at now >= j T_b + grace:  whatever is queued (maybe nothing), padded with silence
 
+When compute falls behind the clock, every due block is committed at once and the frames follow in a burst
+(nothing is dropped), but only while the audio committed and not yet on a frame stays within ``max_behind``
+(default 1 s) of what the window needs (the look-ahead and two blocks). Past that the clock *slips*: it
+waits, in whole blocks (sessions stepped together stay on one block grid), and commits only what the window
+needs until compute is ahead of it again. On a machine that cannot keep real time at all, the stream then
+runs at compute's pace with a bounded delay (what the window needs, over compute's speed) and bounded
+memory, instead of falling further behind for ever. Each frame's ``due_s`` is its pts plus the clock's slip
+when its block was committed: when it was due on the session's clock.
+
 ``grace`` (default one block) is how long a segment that is still open may keep the clock waiting for
 speech arriving in bursts (text-to-speech, network jitter) before the gap is rendered as silence; the last
 block of an ended segment never waits. A committed block becomes frames once the window and the front end
@@ -34,6 +43,7 @@ settles within the window's remaining blocks: the look-ahead plus one block.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -49,6 +59,7 @@ class LiveFrame:
     image: np.ndarray  # uint8 [H, W, 3]
     pcm: np.ndarray  # float32 [samples_per_frame]: the audio this frame shows
     speaking: bool  # the frame shows speech (a segment's audio), not listening silence
+    due_s: float = 0.0  # when it was due on the session's clock: pts + the clock's slip at its block's commit
 
 
 @dataclass
@@ -72,7 +83,7 @@ class LiveSession:
     """One always-on stream over an ``api.Session`` (``Avatar.live``). Not thread-safe."""
 
     def __init__(self, avatar, image, seed: int = 0, prompt: str | None = None, prompt_embeds=None,
-                 grace_ms: float | None = None, mode: str = "avatarforcing"):
+                 grace_ms: float | None = None, mode: str = "avatarforcing", max_behind_ms: float = 1000.0):
         if mode not in ("avatarforcing", "ar"):
             raise InputError(f"a live session runs the window sampler (avatarforcing or ar), not {mode!r}")
         c = avatar.cfg.codec
@@ -84,6 +95,15 @@ class LiveSession:
         self.grace_s = self.block_s if grace_ms is None else grace_ms / 1000
         self.lead = avatar.framing.lead  # release framing: frame 0 is the reference, with silence
         self.lookahead_ms = self.session.lookahead_ms
+        if not max_behind_ms >= 0:
+            raise InputError(f"max_behind_ms must be >= 0 (got {max_behind_ms})")
+        # committed samples not yet on a frame: what the window needs (the look-ahead, the block being made and
+        # the next one due), and at most max_behind more while compute catches up
+        self.min_in_flight = self.block * (2 + math.ceil(self.lookahead_ms / 1000 / self.block_s - 1e-9))
+        self.max_in_flight = self.min_in_flight + self.block * round(max_behind_ms / 1000 / self.block_s)
+        self.slipped_s = 0.0  # how far the clock has slipped (whole blocks) waiting for compute
+        self.slipping = False  # compute cannot keep the clock: only what the window needs is committed
+        self.block_slips: deque[float] = deque()  # the slip at each committed block not yet fully on frames
         self.queue: deque[tuple[_Segment, np.ndarray]] = deque()
         self.queued = 0
         self.segments: list[_Segment] = []  # started and not finished
@@ -155,8 +175,13 @@ class LiveSession:
         (an ``engine.Engine`` steps many sessions' blocks together); returns how many were committed."""
         n = 0
         while True:
-            start = self.blocks * self.block_s
-            if now_s < start:
+            start = self.blocks * self.block_s + self.slipped_s
+            if now_s < start:  # the clock is ahead of compute (again, if it had slipped) when there is room
+                self.slipping = self.slipping and len(self.timeline) + self.block > self.min_in_flight
+                break
+            if len(self.timeline) + self.block > (self.min_in_flight if self.slipping else self.max_in_flight):
+                self.slipping = True  # compute is too far behind: the clock waits for it, in whole blocks
+                self.slipped_s += self.block_s * (1 + int((now_s - start) / self.block_s))
                 break
             open_seg = self.segments and not self.segments[-1].ended
             if self.queued >= self.block or (not open_seg) or now_s >= start + self.grace_s:
@@ -208,6 +233,7 @@ class LiveSession:
         self.blocks += 1
         self.timeline = np.concatenate([self.timeline, block])
         self.speech = np.concatenate([self.speech, is_speech])
+        self.block_slips.append(self.slipped_s)
         self.session.feed(block)
 
     def _close_segments(self) -> None:
@@ -226,12 +252,18 @@ class LiveSession:
                     pcm, speaking = np.zeros(self.spf, np.float32), False
                 else:
                     pcm, speaking = self.timeline[a:a + self.spf].copy(), bool(self.speech[a:a + self.spf].any())
-                out.append(LiveFrame(i, i / self.fps, image, pcm, speaking))
+                b = self._frame_sample(i) // self.block - (self.blocks - len(self.block_slips))  # in block_slips
+                slip = self.block_slips[min(max(b, 0), len(self.block_slips) - 1)] if self.block_slips \
+                    else self.slipped_s
+                out.append(LiveFrame(i, i / self.fps, image, pcm, speaking, i / self.fps + slip))
                 self.frames += 1
         done = self._frame_sample(self.frames) - self.timeline_at
         if done > 0:  # samples on emitted frames leave the buffers (bounded memory)
             self.timeline, self.speech = self.timeline[done:], self.speech[done:]
             self.timeline_at += done
+            first = self.timeline_at // self.block  # the first block not wholly on frames
+            while len(self.block_slips) > self.blocks - first:
+                self.block_slips.popleft()
         self._finish_segments()
         return out
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ def test_smoke_recipe_end_to_end_and_resume(tmp_path):
     corpus = tmp_path / "corpus"
     synth(corpus, 2, 4.0, "train", seed=1, progress=False, clip_files=False)
     synth(corpus, 1, 4.0, "heldout", seed=1, progress=False, clip_files=False)
-    run_recipe(corpus, tmp_path / "run", "cpu", SMOKE, export_to=tmp_path / "model")
+    recipe = dataclasses.replace(SMOKE, teacher_steps=2)  # one teacher sample (the slowest hook), not two
+    run_recipe(corpus, tmp_path / "run", "cpu", recipe, export_to=tmp_path / "model")
     for stage in ("vae", "teacher", "ode", "dmd"):
         assert (tmp_path / "run" / f"{stage}.done").exists()
         assert (tmp_path / "run" / f"{stage}.jsonl").exists()
@@ -21,12 +23,12 @@ def test_smoke_recipe_end_to_end_and_resume(tmp_path):
     info = json.loads((tmp_path / "model" / "training.json").read_text())
     assert "psnr_db" in info["vae"]
     avatar = Avatar.load(tmp_path / "model")
-    frames = avatar.generate(np.full((128, 128, 3), 120, np.uint8), np.zeros(16000, np.float32), mode="teacher")
+    frames = avatar.generate(np.full((128, 128, 3), 120, np.uint8), np.zeros(16000, np.float32))  # the student
     assert frames.shape == (25, 128, 128, 3)
     from safetensors.torch import load_file
 
     before = load_file(str(tmp_path / "model" / "model.safetensors"))
-    run_recipe(corpus, tmp_path / "run", "cpu", SMOKE, export_to=tmp_path / "model")  # every stage is done
+    run_recipe(corpus, tmp_path / "run", "cpu", recipe, export_to=tmp_path / "model")  # every stage is done
     after = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the run folder belongs to its model config: resuming it with another is refused before any stage runs
@@ -36,7 +38,7 @@ def test_smoke_recipe_end_to_end_and_resume(tmp_path):
     from avatarforcing.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"another model config \(differs in \['model.latent_channels'\]"):
-        run_recipe(corpus, tmp_path / "run", "cpu", SMOKE, cfg=preset("mini").override({"model.latent_channels": 16}))
+        run_recipe(corpus, tmp_path / "run", "cpu", recipe, cfg=preset("mini").override({"model.latent_channels": 16}))
 
 
 def test_wan_layout_recipe_with_a_pretrained_vae(tmp_path):

@@ -51,9 +51,13 @@ def test_a_live_session_listens_speaks_and_is_interrupted(server):
     utterance = speech(1.5) + 0.01  # no zero sample: its extent in the frames' PCM is exact
     with LiveClient(server, identity="demo") as live:
         assert live.ready["live"] and live.ready["protocol"] == 2 and live.ready["block_ms"] == 160
+        t0 = time.monotonic()
         silent = collect(live, seconds=2.5)  # 2.5 s of no audio: longer than the idle timeout
         listening = frames_of(silent)
-        assert len(listening) >= 25 and not any(f.pcm.any() for f in listening)
+        # silent frames keep coming after the idle timeout (how many depends on the machine's speed: CI's slower
+        # runs made a third of real time, so the bar is two blocks, the later one after the timeout)
+        assert len(listening) >= 8 and not any(f.pcm.any() for f in listening)
+        assert listening[-1].received_at - t0 > 1.0
         assert [f.index for f in listening] == list(range(len(listening)))
         assert all(f.pts == pytest.approx(f.index / 25) and len(f.pcm) == 640 for f in listening)
 
@@ -75,7 +79,7 @@ def test_a_live_session_listens_speaks_and_is_interrupted(server):
         cut = collect(live, until=lambda m: isinstance(m, dict) and m["type"] == "playback_finished")
         assert cut[-1]["interrupted"] and 0 < cut[-1]["position_s"] < 4.0
         after = frames_of(collect(live, seconds=2.0))
-        assert len(after) >= 25 and not any(f.pcm.any() for f in after)  # nothing of the dropped speech
+        assert len(after) >= 8 and not any(f.pcm.any() for f in after)  # nothing of the dropped speech
         assert started and after[-1].index == after[0].index + len(after) - 1
 
         live.end()
@@ -154,4 +158,6 @@ def test_the_server_steps_its_live_sessions_together(server):
     blocks = _metric(after, "engine_blocks_total") - _metric(before, "engine_blocks_total")
     assert steps > 0 and blocks / steps >= 2.5, (blocks, steps)  # 3 sessions, (nearly) every step carries all
     assert _metric(after, "engine_batch_size") == 3
-    assert min(got) > 25, got  # each keeps receiving frames
+    # each keeps receiving frames, the same number within two blocks (stepped together); how many depends on the
+    # machine's speed (CI's slowest run: 8, 4, 4 in 4 s)
+    assert min(got) >= 4 and max(got) - min(got) <= 8, got

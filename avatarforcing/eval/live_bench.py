@@ -131,6 +131,7 @@ def conversation(avatar: Avatar, nets, utterances: list[np.ndarray], seed: int =
         "cut_jump": {"at_cut": _pcts(jumps), "ordinary_p50": float(np.median(diffs)),
                      "ordinary_p95": float(np.percentile(diffs, 95))},
         "lateness_ms": _pcts(lateness), "frames_late": int(sum(x > 1000 * block_s for x in lateness)),
+        "clock_slipped_s": live.slipped_s,  # the clock waited this long for compute (live.py): 0 at real time
         "mouth_open": {"listening": float(listening.mean()), "speaking": float(opening[speaking].mean()),
                        "silence_band": band},
         # a listening face that never changed would be frozen: the frame-to-frame change while listening

@@ -42,6 +42,7 @@ class LiveFeed:
         self.received = 0  # samples pushed by the client, in all
         self.buffered = 0  # of those, in the inbox (not yet given to the session)
         self.state, self.sent, self.late = "listening", 0, 0  # what the client was told; frames sent, late
+        self.slipped = 0.0  # how far the clock had slipped (live.py) at the last frame sent
 
     @classmethod
     async def open(cls, shared, req: StartRequest) -> LiveFeed:
@@ -72,6 +73,10 @@ class LiveFeed:
             before = {"type": "state", "state": state, "pts": frame.pts}
         self.sent += 1
         self.late += late
+        slipped = frame.due_s - frame.pts
+        if slipped > self.slipped:
+            metrics.add("live_clock_slipped_seconds_total", slipped - self.slipped)
+            self.slipped = slipped
         metrics.add("frames_total")
         if late:
             metrics.add("frames_late_total")
@@ -79,7 +84,8 @@ class LiveFeed:
             return before, None
         wall = time.monotonic() - self.t_start
         return before, {"type": "stats", "frames": self.sent, "frames_late": self.late, "clock_s": round(wall, 3),
-                        "pts": frame.pts, "behind_ms": round(1000 * (wall - frame.pts), 1),
+                        "pts": frame.pts, "behind_ms": round(1000 * (wall - frame.due_s), 1),
+                        "slipped_ms": round(1000 * (frame.due_s - frame.pts), 1),
                         "lookahead_ms": self.live.lookahead_ms, "sessions": sessions}
 
     # ------------------------------------------------------------------ the client's side (event loop)

@@ -19,6 +19,8 @@ class Metrics:
         "frames_total": ("counter", "Video frames sent."),
         "frames_late_total": ("counter", "Frames sent more than late_ms after the audio they needed arrived "
                                          "(beyond the look-ahead)."),
+        "live_clock_slipped_seconds_total": ("counter", "Seconds live sessions' clocks waited for compute (a "
+                                                        "server that cannot keep real time), over all sessions."),
         "queue_seconds": ("gauge", "Audio received and not yet processed, seconds, over all streams."),
         "steps_per_second": ("gauge", "Batched model steps per second over the last 10 s."),
         "engine_steps_total": ("counter", "Batched model steps (one step carries every session with a block due)."),
