@@ -177,12 +177,14 @@ class Avatar:
                        self.context(prompt, prompt_embeds))
 
     def live(self, image, seed: int = 0, prompt: str | None = None, prompt_embeds=None,
-             grace_ms: float | None = None, mode: str = "avatarforcing"):
+             grace_ms: float | None = None, mode: str = "avatarforcing", max_behind_ms: float = 1000.0):
         """An always-on session driven by a media clock (``live.LiveSession``): speech when it arrives,
-        listening (silence) when it does not, ``interrupt()`` for barge-in; frames with their pts and PCM."""
+        listening (silence) when it does not, ``interrupt()`` for barge-in; frames with their pts and PCM.
+        ``max_behind_ms``: how far behind the clock compute may fall and still catch up; beyond, the clock
+        slips (waits for compute)."""
         from .live import LiveSession
 
-        return LiveSession(self, image, seed, prompt, prompt_embeds, grace_ms, mode)
+        return LiveSession(self, image, seed, prompt, prompt_embeds, grace_ms, mode, max_behind_ms)
 
     def lookahead_ms(self, window_blocks: int | None = None) -> float:
         """Algorithmic latency of a window of ``window_blocks`` blocks (default: the config's): the audio a frame
