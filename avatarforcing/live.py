@@ -17,8 +17,10 @@ the block's own media time, never earlier, so video never runs ahead of the cloc
 When compute falls behind the clock, every due block is committed at once and the frames follow in a burst
 (nothing is dropped), but only while the audio committed and not yet on a frame stays within ``max_behind``
 (default 1 s) of what the window needs (the look-ahead and two blocks). Past that the clock *slips*: it
-waits, in whole blocks (sessions stepped together stay on one block grid), and commits only what the window
-needs until compute is ahead of it again. On a machine that cannot keep real time at all, the stream then
+commits a block only when compute has room for it (what the window needs), at that moment, until compute has
+been ready before the clock for ``max_behind`` worth of blocks in a row; then the clock goes back onto the
+block grid (a whole number of blocks slipped), so sessions stepped together fall due together, and the
+catch-up allowance is back. On a machine that cannot keep real time at all, the stream then
 runs at compute's pace with a bounded delay (what the window needs, over compute's speed) and bounded
 memory, instead of falling further behind for ever. Each frame's ``due_s`` is its pts plus the clock's slip
 when its block was committed: when it was due on the session's clock.
@@ -103,6 +105,8 @@ class LiveSession:
         self.max_in_flight = self.min_in_flight + self.block * round(max_behind_ms / 1000 / self.block_s)
         self.slipped_s = 0.0  # how far the clock has slipped (whole blocks) waiting for compute
         self.slipping = False  # compute cannot keep the clock: only what the window needs is committed
+        self.recover_blocks = max(1, round(max_behind_ms / 1000 / self.block_s))  # blocks ahead to stop slipping
+        self._early, self._early_run = -1, 0  # the last block compute was ready for early; how many in a row
         self.block_slips: deque[float] = deque()  # the slip at each committed block not yet fully on frames
         self.queue: deque[tuple[_Segment, np.ndarray]] = deque()
         self.queued = 0
@@ -176,15 +180,22 @@ class LiveSession:
         n = 0
         while True:
             start = self.blocks * self.block_s + self.slipped_s
-            if now_s < start:  # the clock is ahead of compute (again, if it had slipped) when there is room
-                self.slipping = self.slipping and len(self.timeline) + self.block > self.min_in_flight
+            room = len(self.timeline) + self.block <= (self.min_in_flight if self.slipping else self.max_in_flight)
+            if now_s < start:
+                if self.slipping and room and self._early != self.blocks:  # compute is ready before the block's time
+                    self._early, self._early_run = self.blocks, self._early_run + 1
+                    if self._early_run >= self.recover_blocks:  # ahead for long enough: back on the block grid
+                        self.slipping = False
+                        self.slipped_s = math.ceil(self.slipped_s / self.block_s - 1e-9) * self.block_s
                 break
-            if len(self.timeline) + self.block > (self.min_in_flight if self.slipping else self.max_in_flight):
-                self.slipping = True  # compute is too far behind: the clock waits for it, in whole blocks
-                self.slipped_s += self.block_s * (1 + int((now_s - start) / self.block_s))
+            if not room:  # compute is too far behind: the clock waits for it
+                self.slipping, self._early_run = True, 0
                 break
             open_seg = self.segments and not self.segments[-1].ended
             if self.queued >= self.block or (not open_seg) or now_s >= start + self.grace_s:
+                if self.slipping and self._early != self.blocks:  # committed when compute had room, late
+                    self.slipped_s += now_s - start
+                    self._early_run = 0
                 self._commit()
                 n += 1
             else:

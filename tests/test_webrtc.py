@@ -268,8 +268,9 @@ def mouth_cells(image):
     return y.reshape(7, 4, 8, 4).mean((1, 3)).reshape(-1)
 
 
-# below this the machine did not keep real time (CPU: the model, aiortc and Chromium on two cores): on this machine
-# 19-24 fps are presented; one CI run on a slower host presented 13.8 fps and the mouth 180 ms after the voice
+# below this the machine did not keep real time (CPU: the model on one thread makes ~22 fps here, and aiortc's VP8
+# and Chromium share the other core): the browser then shows video late by up to 240 ms (seen at 13.8-16 fps, on a
+# CI host and here with a busy loop beside it); runs presenting 17-23 fps stayed within 65 ms
 MIN_PRESENTED_FPS = 18.0
 
 

@@ -273,7 +273,9 @@ class Scheduler:
                 job.frames += job.live.close_step()
             except Exception as e:  # noqa: BLE001 - this stream's own failure, handed to it
                 job.error = e
-        more = any(s.ready() for s in sessions[:len(live_ok)])
+        # a slipping live session (live.py: compute behind its clock) has a block due as soon as these frames
+        # leave its window: the next iteration commits and steps it at once
+        more = any(s.ready() for s in sessions[:len(live_ok)]) or any(lives[i][1].slipping for i in live_ok)
         results: list = list(prepared)
         for i, frames in zip(live_ok, made):
             live = lives[i][1]
