@@ -102,6 +102,8 @@ class LiveStream(Stream):
         finally:
             scheduler.detach(feed)
             read_task.cancel()
+            if read_task.done() and not read_task.cancelled():
+                read_task.exception()  # seen: a client gone while frames were being sent ends the stream here
             self.tasks.clear()
             self.session = self.live = None
             feed.release()
