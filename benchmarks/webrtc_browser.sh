@@ -25,7 +25,8 @@ summary = {"command": f"benchmarks/webrtc_browser.sh {runs}", "machine": f"cpu, 
            "av_offset_ms": {"events": len(av), "median": float(np.median(av)), "mean_abs": float(np.mean(np.abs(av))),
                             "min": min(av), "max": max(av), "within_40ms": int(sum(abs(x) <= 40 for x in av))},
            "interrupt_to_silence_ms": {"median": float(np.median(stop)), "max": max(stop)},
-           "video_fps_presented": [r["video_fps"] for r in reports], "reports": reports}
+           "video_fps_presented": [r["video_fps"] for r in reports],
+           "server_slipped_ms": [r.get("server_slipped_ms") for r in reports], "reports": reports}
 out.write_text(json.dumps(summary, indent=1) + "\n")
 print(json.dumps({k: v for k, v in summary.items() if k != "reports"}, indent=1))
 PY

@@ -336,6 +336,8 @@ def test_browser_over_webrtc_plays_video_and_voice_in_sync(tmp_path):
         Path(os.environ["AVATARFORCING_WEBRTC_RAW"]).write_bytes(pickle.dumps((rec, sent)))
     report = sync_report(rec, sent)
     report["frames_late"] = out["stats"][1]
+    last = rec["stats"][-1] if rec.get("stats") else {}  # the server's last 'stats' over the data channel
+    report["server_behind_ms"], report["server_slipped_ms"] = last.get("behind_ms"), last.get("slipped_ms")
     print("webrtc browser:", json.dumps(report))
     if os.environ.get("AVATARFORCING_WEBRTC_REPORT"):  # benchmarks/webrtc_browser.sh collects runs
         Path(os.environ["AVATARFORCING_WEBRTC_REPORT"]).write_text(json.dumps(report) + "\n")
