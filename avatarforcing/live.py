@@ -103,7 +103,7 @@ class LiveSession:
         # the next one due), and at most max_behind more while compute catches up
         self.min_in_flight = self.block * (2 + math.ceil(self.lookahead_ms / 1000 / self.block_s - 1e-9))
         self.max_in_flight = self.min_in_flight + self.block * round(max_behind_ms / 1000 / self.block_s)
-        self.slipped_s = 0.0  # how far the clock has slipped (whole blocks) waiting for compute
+        self.slipped_s = 0.0  # how long the clock has waited for compute, in all
         self.slipping = False  # compute cannot keep the clock: only what the window needs is committed
         self.recover_blocks = max(1, round(max_behind_ms / 1000 / self.block_s))  # blocks ahead to stop slipping
         self._early, self._early_run = -1, 0  # the last block compute was ready for early; how many in a row

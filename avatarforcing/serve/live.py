@@ -10,8 +10,8 @@
 A live session is not idle while its client is connected (silence is what it renders); it ends on 'end', a
 disconnect, an error or the wall-clock limit (``max_session_seconds``). When compute falls behind the clock
 the session catches up (every due block is committed at once and its frames follow in a burst), up to one
-second; further behind, its clock slips (waits for compute, in whole blocks: avatarforcing/live.py), so
-delay and memory stay bounded on a machine that cannot keep real time. No frame is dropped; the late ones
+second; further behind, its clock slips (waits for compute: avatarforcing/live.py), so delay and memory stay
+bounded on a machine that cannot keep real time. No frame is dropped; the late ones
 are counted (``frames_late`` in 'stats', ``frames_late_total`` in /metrics): a frame is late when it is sent
 more than ``late_ms`` after its due time (its ``due_s``, the pts plus the clock's slip, + the look-ahead +
 one block). The slip itself is in 'stats' (``slipped_ms``) and /metrics (``live_clock_slipped_seconds_total``).
