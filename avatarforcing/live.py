@@ -105,7 +105,7 @@ class LiveSession:
         self.max_in_flight = self.min_in_flight + self.block * round(max_behind_ms / 1000 / self.block_s)
         self.slipped_s = 0.0  # how long the clock has waited for compute, in all
         self.slipping = False  # compute cannot keep the clock: only what the window needs is committed
-        self.recover_blocks = max(1, round(max_behind_ms / 1000 / self.block_s))  # blocks ahead to stop slipping
+        self.recover_blocks = max(1, (self.max_in_flight - self.min_in_flight) // self.block)  # ahead, to stop
         self._early, self._early_run = -1, 0  # the last block compute was ready for early; how many in a row
         self.block_slips: deque[float] = deque()  # the slip at each committed block not yet fully on frames
         self.queue: deque[tuple[_Segment, np.ndarray]] = deque()
@@ -257,13 +257,13 @@ class LiveSession:
         out = []
         for frames in batches:
             for image in frames:
-                i = self.frames
-                a = self._frame_sample(i) - self.timeline_at
+                i, at = self.frames, self._frame_sample(self.frames)
+                a = at - self.timeline_at
                 if i < self.lead:
                     pcm, speaking = np.zeros(self.spf, np.float32), False
                 else:
                     pcm, speaking = self.timeline[a:a + self.spf].copy(), bool(self.speech[a:a + self.spf].any())
-                b = self._frame_sample(i) // self.block - (self.blocks - len(self.block_slips))  # in block_slips
+                b = at // self.block - (self.blocks - len(self.block_slips))  # its block's place in block_slips
                 slip = self.block_slips[min(max(b, 0), len(self.block_slips) - 1)] if self.block_slips \
                     else self.slipped_s
                 out.append(LiveFrame(i, i / self.fps, image, pcm, speaking, i / self.fps + slip))
