@@ -10,7 +10,7 @@ from avatarforcing.eval.metrics import colour_drift, flicker, lip_sync, sync
 from avatarforcing.eval.nets import load_eval_nets
 from avatarforcing.eval.report import write_report
 
-FRAMES = 32  # eight blocks per clip (the metrics need 1 s): enough for the scores and intervals
+FRAMES = 50  # two seconds per clip: on shorter clips batched rounding moves Sync-C* past the bound (32: 7% once)
 
 
 @pytest.fixture(scope="module")
