@@ -162,7 +162,7 @@ def test_speech_and_portraits_run_in_a_low_priority_process():
 
     from avatarforcing.serve.workers import NICE, Workers
 
-    workers = Workers()
+    workers = Workers(timeout_s=60)
     try:
         pid, nice, policy = asyncio.run(workers.run(_pid_nice_policy))
     finally:
@@ -178,12 +178,87 @@ def _pid_nice_policy():
     return os.getpid(), os.nice(0), os.sched_getscheduler(0) if hasattr(os, "SCHED_IDLE") else None
 
 
+def test_a_job_past_its_deadline_is_refused_and_its_worker_replaced():
+    """At the lowest priority a job gets next to nothing while the streams keep every core busy, and a job in a
+    process cannot be cancelled: before, /speak and /prepare then waited for as long as the load lasted (a run
+    with the CPU taken hung for minutes). Now a job not done within the deadline is refused 'unavailable', the
+    worker killed, and the next job runs on a fresh one; a job queued behind it is refused too, not lost."""
+    import asyncio
+    import os
+
+    from avatarforcing.serve.protocol import ClientError
+    from avatarforcing.serve.workers import Workers
+
+    async def main():
+        workers = Workers(timeout_s=3)
+        try:
+            first = await workers.run(os.getpid)
+            t0 = time.monotonic()
+            results = await asyncio.gather(workers.run(time.sleep, 60), workers.run(os.getpid),
+                                           return_exceptions=True)
+            took = time.monotonic() - t0
+            after = await workers.run(os.getpid)
+            return first, results, took, after
+        finally:
+            workers.close()
+
+    first, (slow, queued), took, after = asyncio.run(main())
+    assert isinstance(slow, ClientError) and slow.code == "unavailable" and "within 3 s" in str(slow)
+    assert isinstance(queued, ClientError) and queued.code == "unavailable"
+    assert took < 20  # the deadline, not the job's 60 s
+    assert after != first  # a fresh worker
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)  # and the old one is gone, not left running its job
+
+
+def test_a_worker_that_dies_is_replaced():
+    """A worker killed under a job (out of memory on a huge portrait, a crash) left a broken pool: every later
+    /speak and /prepare failed as an internal error until the server restarted."""
+    import asyncio
+    import os
+
+    from avatarforcing.serve.protocol import ClientError
+    from avatarforcing.serve.workers import Workers
+
+    async def main():
+        workers = Workers(timeout_s=60)
+        try:
+            first = await workers.run(os.getpid)
+            try:
+                await workers.run(os._exit, 1)
+            except ClientError as e:
+                died = e
+            return first, died, await workers.run(os.getpid)
+        finally:
+            workers.close()
+
+    first, died, after = asyncio.run(main())
+    assert died.code == "unavailable" and "ended" in str(died)
+    assert after != first
+
+
+def _never_done(*args):
+    time.sleep(600)
+
+
+def test_speak_past_the_job_deadline_is_a_503(avatar, monkeypatch):
+    """Limits.job_timeout_s reaches /speak's worker: a synthesis that cannot finish is a 503 at the deadline."""
+    import avatarforcing.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "speak_wav", _never_done)
+    t0 = time.monotonic()
+    with TestClient(create_app(avatar, Limits(job_timeout_s=2))) as client:
+        r = client.post("/speak", json={"text": "hello"})
+    assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+    assert time.monotonic() - t0 < 30
+
+
 SERVER_WITH_A_BUSY_WORKER = """
 import asyncio, os, sys, time
 from avatarforcing.serve.workers import Workers
 
 async def main():
-    workers = Workers()
+    workers = Workers(timeout_s=120)
     print(await workers.run(os.getpid), flush=True)  # the worker's pid
     asyncio.ensure_future(workers.run(time.sleep, 60))  # a long job, mid-way when the server dies
     await asyncio.sleep(0.5)

@@ -53,7 +53,7 @@ def create_app(avatar, limits: Limits | None = None, replica: str | None = None,
     admission, metrics = shared.admission, shared.metrics
     speech_gate = Gate(1, 4, "speech synthesis")
     prepare_gate = Gate(2, 8, "portrait preparation")
-    workers = Workers()  # /speak and /prepare: one low-priority process
+    workers = Workers(limits.job_timeout_s)  # /speak and /prepare: one low-priority process
 
     async def notify_shutdown() -> None:
         """Tell every open stream ('shutdown' frame) and close it; bounded, so a stuck client cannot delay it."""

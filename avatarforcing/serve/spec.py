@@ -38,6 +38,7 @@ class Limits:
     max_image_pixels: int = 25_000_000  # checked from the image header, before decoding
     max_text_chars: int = 500  # /speak
     max_speech_seconds: float = 60.0  # /speak: longer synthesised speech is refused
+    job_timeout_s: float = 30.0  # /speak, /prepare: a job not done by then gets 503 (workers.py)
     jpeg_quality: int = 85
     late_ms: float = 500.0  # a frame later than this beyond its look-ahead counts in frames_late_total
     rtc_margin_ms: float = 300.0  # WebRTC: media is sent this long after a frame can first exist (compute's slack)

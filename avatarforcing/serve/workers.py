@@ -3,6 +3,12 @@ uploaded portrait) run in one worker process at the lowest priority (Linux's ``S
 elsewhere), one job at a time, so a flood of them takes the CPU only when the streams' model steps leave it
 idle. The gates (admission.Gate) bound how many jobs may wait; the process bounds what the jobs may take. The
 worker ends itself within ``WATCH_S`` once the server process is gone, however it went (stopped mid-job, killed).
+
+At that priority a job gets next to nothing while the streams keep every core busy, and a job in a process
+cannot be cancelled: so every job has a deadline (``Limits.job_timeout_s``). A job not done by then, or whose
+worker died (killed for memory, crashed), is answered 503 ``unavailable`` ("retry later") and the worker is
+killed; the next job starts a fresh one. Without it such a request waited for as long as the load lasted,
+holding its place in the gate.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import asyncio
 import io
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -42,21 +50,49 @@ def _worker_start(server_pid: int) -> None:
 
 
 class Workers:
-    """One low-priority worker process, started on first use; ``close`` ends it."""
+    """One low-priority worker process, started on first use; a job gets ``timeout_s`` (the worker's start
+    included) or a ``ClientError('unavailable')``; ``close`` ends the worker."""
 
-    def __init__(self):
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
         self.pool: ProcessPoolExecutor | None = None
+        self.pid: int | None = None  # the worker's, once it has answered
+        self.starting = asyncio.Lock()
 
     async def run(self, fn, *args):
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_start, initargs=(os.getpid(),))
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        try:
+            return await asyncio.wait_for(self._run(fn, *args), self.timeout_s)
+        except TimeoutError:
+            self.kill()
+            raise ClientError("unavailable", f"the job did not finish within {self.timeout_s:g} s: the server's "
+                                             "CPU is taken by its streams; retry later") from None
+        except BrokenProcessPool:  # the worker died under this job or another one (killed, out of memory)
+            self.kill()
+            raise ClientError("unavailable", "the server's worker process ended; retry later") from None
+
+    async def _run(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        async with self.starting:
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_worker_start, initargs=(os.getpid(),))
+                self.pid = await loop.run_in_executor(self.pool, os.getpid)
+            pool = self.pool
+        return await loop.run_in_executor(pool, fn, *args)
+
+    def kill(self) -> None:
+        """End the worker now, whatever it is doing (its jobs fail with BrokenProcessPool)."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.close()
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
+            self.pool, self.pid = None, None
 
 
 def speak_wav(text: str, rate: int, max_seconds: float) -> bytes:
