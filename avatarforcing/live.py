@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -62,6 +62,11 @@ class LiveFrame:
     pcm: np.ndarray  # float32 [samples_per_frame]: the audio this frame shows
     speaking: bool  # the frame shows speech (a segment's audio), not listening silence
     due_s: float = 0.0  # when it was due on the session's clock: pts + the clock's slip at its block's commit
+
+    def silenced(self) -> LiveFrame:
+        """This frame without its speech: for a frame made before an interrupt reached the session but sent
+        after it was asked for (a transport never sends the dropped speech after the interrupt)."""
+        return replace(self, pcm=np.zeros_like(self.pcm), speaking=False) if self.speaking else self
 
 
 @dataclass

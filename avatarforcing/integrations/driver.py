@@ -9,6 +9,12 @@
 
 The session itself is not thread-safe, so only the worker thread touches it; the event loop only appends to the
 inbox. Speech at any sample rate is resampled to the model's rate without seams (``StreamResampler``).
+
+An interrupt takes effect at once for what comes out: frames of a tick that was under way when it came (made
+before the session saw it) are yielded without their speech (``speaking=False``, silent PCM) and that tick's
+end-of-segment events are dropped, so no frame after ``interrupt()`` carries the dropped speech. (Before, up to
+a tick of it still came out: LiveKit's runner then played it, reported a new playback start with no end and
+carried its length into the next utterance's position.)
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class LiveDriver:
         self.inbox: deque = deque()
         self.resamplers: dict[int, StreamResampler] = {}
         self.closing = False
+        self.interrupts = 0  # interrupt() calls so far
 
     # ---------------------------------------------------------------- event loop side
 
@@ -106,6 +113,7 @@ class LiveDriver:
 
     def interrupt(self) -> None:
         self.resamplers.clear()  # what they held belongs to the dropped speech
+        self.interrupts += 1
         self.inbox.append(("interrupt", None))
 
     async def open(self) -> None:
@@ -118,17 +126,22 @@ class LiveDriver:
         t0 = time.monotonic()
         while not self.closing:
             now = time.monotonic() - t0
-            frames, events = await asyncio.to_thread(self._tick, now)
-            for f in frames:
-                yield f
-            for e in events:
-                yield e
+            async for item in self._out(self._tick, now):
+                yield item
             await asyncio.sleep(max(0.0, self.tick_s - (time.monotonic() - t0 - now)))
-        frames, events = await asyncio.to_thread(self._close)
+        async for item in self._out(self._close):
+            yield item
+
+    async def _out(self, step, *args) -> AsyncIterator[LiveFrame | PlaybackFinished]:
+        """One step of the session in the worker thread, then its frames and events; those an interrupt overtook
+        (it came after the step began) lose their speech."""
+        asked = self.interrupts
+        frames, events = await asyncio.to_thread(step, *args)
         for f in frames:
-            yield f
+            yield f if self.interrupts == asked else f.silenced()
         for e in events:
-            yield e
+            if self.interrupts == asked or e.interrupted:
+                yield e
 
     def close(self) -> None:
         """Ask ``run`` to finish: it drains the window, yields the last frames and ends."""

@@ -3,8 +3,9 @@ together (``engine.Engine``), live streams first.
 
     live session    attach(feed) once (feed.py: a WebSocket's or a WebRTC peer's); every tick the scheduler
                     applies its inbox (push, segment_end, interrupt), advances its clock and hands it (frames,
-                    events, samples taken) in its outbox; detach(feed); on 'end': await drain(live) -> its last
-                    frames, the window drained one model step per iteration (between the other streams' steps)
+                    events, samples taken, interrupts applied) in its outbox; detach(feed); on 'end':
+                    await drain(live) -> its last frames, the window drained one model step per iteration (between
+                    the other streams' steps)
     offline stream  await push(session, pcm, t_start, client_s) -> frames: fed at once, then one of its blocks per
                     scheduler iteration, batched with everything else due; a stream whose audio came ahead of its
                     wall clock (sent faster than real time) only takes iterations no real-time stream needs
@@ -239,9 +240,9 @@ class Scheduler:
     def _iteration(self, lives: list, pushes: list[_Push], drains: list[_Drain] = ()) -> \
             tuple[list, Exception | None, bool]:
         """One round: at most one block of every session, one step of every draining one. Returns each live
-        stream's (frames, events, samples taken) or the exception it raised, an error that failed the whole step
-        (handed to every push of it), and whether a live session may have more blocks due (it is behind: the next
-        iteration follows at once)."""
+        stream's (frames, events, samples taken, interrupts applied) or the exception it raised, an error that
+        failed the whole step (handed to every push of it), and whether a live session may have more blocks due
+        (it is behind: the next iteration follows at once)."""
         now = time.monotonic()
         prepared = []
         for feed, live in lives:
@@ -278,8 +279,8 @@ class Scheduler:
         more = any(s.ready() for s in sessions[:len(live_ok)]) or any(lives[i][1].slipping for i in live_ok)
         results: list = list(prepared)
         for i, frames in zip(live_ok, made):
-            live = lives[i][1]
-            results[i] = (live.emit(frames), live.events(), prepared[i])
+            feed, live = lives[i]
+            results[i] = (live.emit(frames), live.events(), prepared[i], feed.applied)
         for job, frames in zip(pushes, made[len(live_ok):]):
             job.frames += frames
             job.done = not job.session.ready()  # nothing more is ready: its frames go back now

@@ -3,9 +3,13 @@
     client side (event loop)        push(pcm) / control(kind) -> inbox, checked against the limits at once
     scheduler thread (engine.py)    advance(live, now): the inbox applied in order, the clock advanced to now;
                                     the scheduler then steps the session and puts (frames, events, samples
-                                    taken) -- or the exception it raised -- in the outbox
+                                    taken, interrupts applied) -- or the exception it raised -- in the outbox
     transport (event loop)          awaits the outbox, sends, calls ``took(n)``; per frame ``note`` counts it
                                     and gives the 'state' / 'stats' messages both transports send
+
+An ``interrupt`` is counted when it arrives (``asked``) and when the session gets it (``applied``, which each
+outbox entry carries): the frames of a step the interrupt overtook (made before the session had it, sent after
+the client asked) go out without their speech (``fresh``), so none carries the dropped speech.
 
 ``open`` makes the session of a live start request (the portrait decoded off the event loop).
 
@@ -43,6 +47,7 @@ class LiveFeed:
         self.buffered = 0  # of those, in the inbox (not yet given to the session)
         self.state, self.sent, self.late = "listening", 0, 0  # what the client was told; frames sent, late
         self.slipped = 0.0  # how far the clock had slipped (live.py) at the last frame sent
+        self.asked = self.applied = 0  # interrupts from the client; of those, given to the session
 
     @classmethod
     async def open(cls, shared, req: StartRequest) -> LiveFeed:
@@ -106,7 +111,13 @@ class LiveFeed:
         """``segment_end``, ``interrupt`` or ``end`` (the transport ends the session once the inbox is empty)."""
         if kind not in CONTROLS:
             raise ValueError(f"unknown control {kind!r}; expected one of {CONTROLS}")
+        self.asked += kind == "interrupt"
         self.inbox.append((kind, None))
+
+    def fresh(self, frames: list, applied: int) -> list:
+        """The frames of an outbox entry (made with ``applied`` interrupts given to the session) as they may be
+        sent now: without their speech if an interrupt came since."""
+        return frames if applied == self.asked else [f.silenced() for f in frames]
 
     def took(self, n: int) -> None:
         """The scheduler gave ``n`` of the inbox's samples to the session."""
@@ -136,6 +147,7 @@ class LiveFeed:
                 live.end_segment()
             elif kind == "interrupt":
                 live.interrupt()
+                self.applied += 1
         live.advance(now - self.t_start)
         return taken
 

@@ -88,9 +88,9 @@ class LiveStream(Stream):
                 result = out.result()
                 if isinstance(result, Exception):
                     raise result
-                frames, events, taken = result
+                frames, events, taken, applied = result
                 feed.took(taken)
-                for f in frames:
+                for f in feed.fresh(frames, applied):
                     await self._send_frame(f, due_after)
                 for e in events:
                     await self.conn.send(json.dumps(finished_message(e)))

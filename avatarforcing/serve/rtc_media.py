@@ -19,6 +19,9 @@ old stamp: a browser drops or shows late a frame that arrives after its render t
 presented, worse offsets). ``shift`` is always a whole number of parts, so each part of the voice starts exactly
 on its frame's stamp; only the frames whose voice was already sent when the timeline moved are off, by the move.
 
+Interrupt (``mute``): the voice queued and not sent yet becomes silence at once, so what the peer hears stops
+within what is already on its way (the network and its jitter buffer), not after the queued margin.
+
 Bounded: a track that is not read (a peer that never connected, or negotiated only one kind) keeps at most
 ``MAX_QUEUED_S`` of media; older items are dropped.
 
@@ -76,6 +79,12 @@ class MediaClock:
             while q and q[-1][0] - q[0][0] > MAX_QUEUED_S:
                 q.popleft()
         self.changed.set()
+
+    def mute(self) -> None:
+        """Interrupt: the voice queued and not sent yet becomes silence (the video goes on as made)."""
+        self.pending[:] = 0
+        for _, frame in self.audio:
+            frame.planes[0].update(bytes(frame.planes[0].buffer_size))
 
     def close(self) -> None:
         self.closed = True

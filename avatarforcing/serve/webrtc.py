@@ -134,9 +134,9 @@ class RtcPeer:
                 result = out.result()
                 if isinstance(result, Exception):
                     raise result
-                frames, events, taken = result
+                frames, events, taken, applied = result
                 feed.took(taken)
-                self._emit(frames, events)
+                self._emit(feed.fresh(frames, applied), events)
                 if self.ended and not feed.inbox:
                     scheduler.detach(feed)
                     self._emit(await scheduler.drain(self.live), [])
@@ -211,6 +211,8 @@ class RtcPeer:
                 return
             kind = parse_control(message, live=True)
             self.feed.control(kind)
+            if kind == "interrupt":
+                self.clock.mute()  # the speech already queued on the tracks is not sent either
             self.ended = self.ended or kind == "end"
         except ClientError as e:
             self._fail(e)
