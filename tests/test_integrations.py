@@ -81,3 +81,74 @@ def test_the_driver_speaks_at_any_rate_and_finishes_the_segment(tiny_avatar):
     assert abs(len(spoken) - 16000) <= 2  # the whole utterance, once, at the model's rate
     finished = [i for i in items if isinstance(i, PlaybackFinished)]
     assert len(finished) == 1 and not finished[0].interrupted and finished[0].position_s == pytest.approx(1.0, abs=1e-3)
+
+
+class _SlowLive:
+    """A live session whose every tick takes ``step_s`` and makes one speaking frame (and a finished segment) until
+    it is interrupted, then silent ones: the driver's side of an interrupt racing the compute, made deterministic."""
+
+    fps, rate = 25, 16000
+
+    def __init__(self, step_s=0.2):
+        self.step_s, self.n, self.cut, self._events = step_s, 0, False, []
+
+    def push(self, pcm):
+        pass
+
+    def end_segment(self):
+        pass
+
+    def interrupt(self):
+        self.cut = True
+        self._events.append(PlaybackFinished(0, 1.0, True))
+
+    def tick(self, now):
+        import time
+
+        time.sleep(self.step_s)
+        self.n += 1
+        if not self.cut:
+            self._events.append(PlaybackFinished(0, 1.0, False))
+        return [LiveFrame(self.n, self.n / 25, np.zeros((4, 4, 3), np.uint8),
+                          np.full(640, 0.0 if self.cut else 0.5, np.float32), not self.cut)]
+
+    def events(self):
+        out, self._events = self._events, []
+        return out
+
+    def close(self):
+        return []
+
+
+def test_an_interrupt_that_overtakes_a_step_silences_its_frames(tiny_avatar):
+    """Frames made before the session got the interrupt but coming out after it was asked for carry no speech, and
+    that step's end-of-segment is dropped (before: up to a tick of the dropped speech still came out, which LiveKit's
+    runner played and counted as a new playback)."""
+    driver = LiveDriver(tiny_avatar, None, tick_s=0.01)
+    driver.live = _SlowLive()  # (open() keeps a session it has)
+    got = []
+
+    async def main():
+        async def interrupt_mid_step():
+            while len(got) < 4:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # the next step is under way in the worker thread
+            got.append("interrupt")
+            driver.interrupt()
+            await asyncio.sleep(0.6)
+            driver.close()
+
+        async def read():
+            async for item in driver.run():
+                got.append(item)
+
+        await asyncio.gather(read(), interrupt_mid_step())
+
+    asyncio.run(main())
+    cut = got.index("interrupt")
+    before, after = got[:cut], got[cut + 1:]
+    assert any(isinstance(x, LiveFrame) and x.speaking for x in before)
+    frames_after = [x for x in after if isinstance(x, LiveFrame)]
+    assert frames_after and not any(f.speaking or f.pcm.any() for f in frames_after)
+    finished_after = [x for x in after if isinstance(x, PlaybackFinished)]
+    assert finished_after and all(e.interrupted for e in finished_after)

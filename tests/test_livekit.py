@@ -4,6 +4,7 @@ barge-in). No LiveKit server can run here: a real-room test runs only when LIVEK
 
 import asyncio
 import os
+import time
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_clear_buffer_drops_the_rest_of_the_utterance(avatar):
     items, marks = _run(avatar, 1.5, 4.0, interrupt_at=1.0)
     after = items[marks["cut"]:]
     spoken_after = [i for i in after if isinstance(i, rtc.AudioFrame)]
-    assert len(spoken_after) <= 2 * 4  # what was in flight (at most two blocks), then silence
+    assert spoken_after == []  # not even what was in flight: its frames come without their speech
     assert not any(isinstance(i, AudioSegmentEnd) for i in items)  # interrupted: the runner reports it, not us
     assert sum(isinstance(i, rtc.VideoFrame) for i in after) >= 25  # the avatar keeps rendering (listening)
 
@@ -116,3 +117,100 @@ def test_a_real_room_receives_the_avatar(avatar):  # pragma: no cover - needs a 
 
     kinds = asyncio.run(main())
     assert rtc.TrackKind.KIND_VIDEO in kinds
+
+
+class _Publication:
+    async def wait_for_subscription(self):
+        pass
+
+
+class _Participant:
+    async def publish_track(self, track, options):
+        return _Publication()
+
+
+class _Room(rtc.EventEmitter):
+    """What AvatarRunner uses of a room (no LiveKit server can run here): connected, tracks publish at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.local_participant = _Participant()
+
+    def isconnected(self):
+        return True
+
+
+def test_livekits_own_runner_reports_each_playback_once_and_exactly(avatar):
+    """LiveKit's AvatarRunner and QueueAudioOutput (the agent's audio tail) around the generator, as an agent host
+    runs them: an utterance played out, one interrupted by clear_buffer, one more. Each playback starts once and
+    finishes once, the interrupted one at the position reached; after the interrupt no audio of it is forwarded,
+    so the next utterance's position is its own (before: a tick of the dropped speech still came out, the runner
+    reported a second start with no end and added its length to the next utterance's position)."""
+    from livekit.agents.voice.avatar import AvatarRunner, QueueAudioOutput
+
+    from avatarforcing.integrations.livekit import QUEUE_MS
+
+    events, forwarded = [], []
+
+    async def main():
+        audio = QueueAudioOutput(sample_rate=avatar.cfg.codec.sample_rate, wait_playback_start=True)
+        audio.on("playback_started", lambda e: events.append("started"))
+        audio.on("playback_finished", lambda e: events.append((round(e.playback_position, 3), e.interrupted)))
+        gen = AvatarForcingVideoGenerator(avatar, np.full((64, 64, 3), 128, np.uint8), seed=1)
+        loop, tick, armed = asyncio.get_running_loop(), gen._driver._tick, []
+
+        def slow_tick(now):  # a step as long as the real model's on this CPU, and the barge-in comes during one
+            frames, finished = tick(now)  # that has made frames of speech (the race a slow compute makes common)
+            if armed and any(f.speaking for f in frames):
+                armed.clear()
+                loop.call_soon_threadsafe(lambda: (forwarded.append("clear"), audio.clear_buffer()))
+            time.sleep(0.1)
+            return frames, finished
+
+        gen._driver._tick = slow_tick
+        runner = AvatarRunner(_Room(), audio_recv=audio, video_gen=gen, options=avatar_options(avatar),
+                              _queue_size_ms=QUEUE_MS)
+        push = runner.av_sync.push
+
+        async def recording_push(frame, *args):
+            forwarded.append(type(frame).__name__)
+            await push(frame, *args)
+
+        runner.av_sync.push = recording_push
+
+        async def say(seconds):
+            for f in _frames(seconds):
+                await audio.capture_frame(f)
+            audio.flush()
+
+        async def until(cond, timeout=20.0):
+            for _ in range(int(timeout / 0.02)):
+                if cond():
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"timed out; events {events}")
+
+        await runner.start()
+        try:
+            await say(1.0)
+            await until(lambda: len(events) == 2)
+            await say(3.0)
+            await until(lambda: len(events) == 3)  # its playback started
+            await asyncio.sleep(0.4)
+            armed.append(True)  # clear_buffer during the next step that makes frames of speech
+            await until(lambda: len(events) == 4)
+            await asyncio.sleep(1.0)  # what was in flight comes out now, without its speech
+            forwarded.append("next")
+            await say(1.0)
+            await until(lambda: len(events) == 6)
+        finally:
+            await runner.aclose()
+
+    asyncio.run(main())
+    (first, done1), (cut, done2), (third, done3) = ((events[i], events[i + 1]) for i in (0, 2, 4))
+    assert first == cut == third == "started", events
+    assert done1[1] is False and done3[1] is False and done1[0] == done3[0]  # the same length, nothing carried over
+    assert 1.0 <= done1[0] <= 1.0 + 0.16, events  # the utterance (its last frame may hold some silence)
+    assert done2[1] is True and 0.2 < done2[0] < 3.0, events  # interrupted where it was
+    between = forwarded[forwarded.index("clear"):forwarded.index("next")]
+    assert "VideoFrame" in between and "AudioFrame" not in between  # listening, none of the dropped speech

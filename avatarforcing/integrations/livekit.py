@@ -10,7 +10,9 @@ runs the model, the shape of LiveKit's own in-process avatar plugins.
 
     push_audio(rtc.AudioFrame)     the agent's speech, any rate and channel count (resampled, mixed to mono)
     push_audio(AudioSegmentEnd())  the utterance ends: its last block is not held back
-    clear_buffer()                 interrupt: queued speech dropped, what is not on a frame yet muted
+    clear_buffer()                 interrupt: queued speech dropped, what is not on a frame yet muted; no
+                                   AudioFrame of the dropped speech is yielded after it (the runner reports
+                                   the interrupted playback from the audio it forwarded)
     async for item in generator    per video frame, always (25 fps; listening when there is no speech):
                                    rtc.VideoFrame (RGB24), then, for frames that show speech, the rtc.AudioFrame
                                    it shows (16 kHz); AudioSegmentEnd after the last frame of an utterance that
@@ -69,9 +71,10 @@ class AvatarForcingVideoGenerator(VideoGenerator):
     async def _frames(self):
         async for item in self._driver.run():
             if isinstance(item, LiveFrame):
+                asked = self._driver.interrupts
                 h, w = item.image.shape[:2]
                 yield rtc.VideoFrame(w, h, rtc.VideoBufferType.RGB24, np.ascontiguousarray(item.image).tobytes())
-                if item.speaking:
+                if item.speaking and self._driver.interrupts == asked:  # (not if clear_buffer came meanwhile)
                     yield rtc.AudioFrame(float_to_s16(item.pcm), self._rate, 1, len(item.pcm))
             elif isinstance(item, PlaybackFinished) and not item.interrupted:
                 yield AudioSegmentEnd()
