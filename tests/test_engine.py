@@ -247,3 +247,47 @@ def test_a_drain_takes_one_model_step_per_iteration_and_equals_close():
     sched.close()
     assert iterations >= avatar.cfg.stream.window_blocks - 1  # one step at a time, not the window at once
     np.testing.assert_array_equal(np.concatenate(job.frames), expected)
+
+
+def test_frames_an_interrupt_overtook_go_out_without_their_speech():
+    """The scheduler hands each live session's frames with the number of interrupts the session had when it made
+    them; a transport sends a step's frames after the client asked for an interrupt the session had not yet got
+    (``LiveFeed.fresh``) without their speech, so no frame sent after the interrupt carries the dropped speech.
+    Speech pushed after the interrupt is spoken again."""
+    import time
+
+    from avatarforcing.serve.admission import Pool
+    from avatarforcing.serve.engine import Scheduler
+    from avatarforcing.serve.feed import LiveFeed
+    from avatarforcing.serve.metrics import Metrics
+    from avatarforcing.serve.spec import Limits
+
+    avatar = Avatar.random(tiny_cfg())
+    sched = Scheduler(avatar, Limits(), Metrics())
+    live = avatar.live(_image(0), seed=0)
+    feed = LiveFeed(live, Limits(), Pool())
+    feed.t_start = time.monotonic()
+
+    def step():  # one scheduler iteration, the session's clock a block further on
+        feed.t_start -= live.block_s
+        (out,), _, _ = sched._iteration([(feed, live)], [])
+        return out
+
+    feed.push(speech(3.0))
+    frames, _, _, applied = step()
+    while not any(f.speaking for f in frames):
+        frames, _, _, applied = step()
+    feed.control("interrupt")  # the client asks while these frames are on their way out
+    sent = feed.fresh(frames, applied)
+    assert len(sent) == len(frames) and not any(f.speaking or f.pcm.any() for f in sent)
+    assert [f.index for f in sent] == [f.index for f in frames]  # the frames themselves still go out
+    after, _, _, applied_after = step()
+    assert applied_after == 1 and feed.fresh(after, applied_after) == after  # the session has it: as made
+    assert not any(f.speaking for f in after)
+    feed.push(speech(1.0))
+    spoken = []
+    for _ in range(20):
+        frames, _, _, applied = step()
+        spoken += [f for f in feed.fresh(frames, applied) if f.speaking]
+    assert spoken  # new speech after the interrupt is not silenced
+    sched.close()

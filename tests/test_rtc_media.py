@@ -65,3 +65,28 @@ def test_each_frames_voice_has_the_frames_stamp_when_the_timeline_moves():
     voiced = [i for _, i in audio if i >= 0]
     assert voiced == sorted(voiced) and all(voiced.count(i) == SPF // (RATE // 50) for i in range(24))
     assert clock.shift >= 0.08 and abs(clock.shift / 0.02 - round(clock.shift / 0.02)) < 1e-6  # whole parts
+
+
+def test_an_interrupt_mutes_the_voice_queued_on_the_tracks():
+    """The voice already queued for the peer (the send margin ahead of the compute: ~300 ms, more when the timeline
+    moved) is not sent after an interrupt: every part not yet sent goes out silent, the video as made, and the
+    frames put afterwards speak again. Before, the peer heard the queued speech to its end (267 ms median)."""
+    async def main():
+        clock = MediaClock(FPS, RATE)
+        clock.origin = time.monotonic()
+        for i in range(10):  # 400 ms of speech queued ahead of the send time
+            clock.put(i, np.full((8, 8, 3), i, np.uint8), np.full(SPF + (i == 0) * 7, 0.5, np.float32))
+        first = await clock.next_audio()  # one part already on its way
+        clock.mute()
+        clock.put(10, np.full((8, 8, 3), 10, np.uint8), np.full(SPF, 0.25, np.float32))
+        parts = [await clock.next_audio() for _ in range(21)]
+        videos = [await clock.next_video() for _ in range(11)]
+        clock.close()
+        return first, parts, videos
+
+    first, parts, videos = asyncio.run(main())
+    assert np.abs(first.to_ndarray()).min() > 0  # sent before the interrupt: as made
+    levels = [np.abs(p.to_ndarray()).max() / 32767 for p in parts]
+    assert levels[:19] == [0.0] * 19  # the rest of the queued speech: silence, the 7 samples still pending too
+    assert abs(levels[19] - 0.25) < 0.01 and abs(levels[20] - 0.25) < 0.01  # frame 10 (after): its own voice
+    assert [int(v.to_ndarray(format="rgb24")[0, 0, 0]) for v in videos] == list(range(11))
