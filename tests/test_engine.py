@@ -278,16 +278,16 @@ def test_frames_an_interrupt_overtook_go_out_without_their_speech():
     while not any(f.speaking for f in frames):
         frames, _, _, applied = step()
     feed.control("interrupt")  # the client asks while these frames are on their way out
-    sent = feed.fresh(frames, applied)
+    sent = [feed.fresh(f, applied) for f in frames]
     assert len(sent) == len(frames) and not any(f.speaking or f.pcm.any() for f in sent)
     assert [f.index for f in sent] == [f.index for f in frames]  # the frames themselves still go out
     after, _, _, applied_after = step()
-    assert applied_after == 1 and feed.fresh(after, applied_after) == after  # the session has it: as made
+    assert applied_after == 1 and [feed.fresh(f, applied_after) for f in after] == after  # the session has it
     assert not any(f.speaking for f in after)
     feed.push(speech(1.0))
     spoken = []
     for _ in range(20):
         frames, _, _, applied = step()
-        spoken += [f for f in feed.fresh(frames, applied) if f.speaking]
+        spoken += [f for f in frames if feed.fresh(f, applied).speaking]
     assert spoken  # new speech after the interrupt is not silenced
     sched.close()

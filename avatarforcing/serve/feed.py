@@ -114,10 +114,10 @@ class LiveFeed:
         self.asked += kind == "interrupt"
         self.inbox.append((kind, None))
 
-    def fresh(self, frames: list, applied: int) -> list:
-        """The frames of an outbox entry (made with ``applied`` interrupts given to the session) as they may be
-        sent now: without their speech if an interrupt came since."""
-        return frames if applied == self.asked else [f.silenced() for f in frames]
+    def fresh(self, frame, applied: int):
+        """A frame of an outbox entry (made with ``applied`` interrupts given to the session) as it may be sent
+        now: without its speech if an interrupt came since."""
+        return frame if applied == self.asked else frame.silenced()
 
     def took(self, n: int) -> None:
         """The scheduler gave ``n`` of the inbox's samples to the session."""

@@ -90,8 +90,8 @@ class LiveStream(Stream):
                     raise result
                 frames, events, taken, applied = result
                 feed.took(taken)
-                for f in feed.fresh(frames, applied):
-                    await self._send_frame(f, due_after)
+                for f in frames:
+                    await self._send_frame(feed.fresh(f, applied), due_after)
                 for e in events:
                     await self.conn.send(json.dumps(finished_message(e)))
                 if self.ended.is_set() and not feed.inbox:

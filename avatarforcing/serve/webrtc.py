@@ -136,7 +136,7 @@ class RtcPeer:
                     raise result
                 frames, events, taken, applied = result
                 feed.took(taken)
-                self._emit(feed.fresh(frames, applied), events)
+                self._emit([feed.fresh(f, applied) for f in frames], events)
                 if self.ended and not feed.inbox:
                     scheduler.detach(feed)
                     self._emit(await scheduler.drain(self.live), [])
