@@ -152,3 +152,18 @@ def test_an_interrupt_that_overtakes_a_step_silences_its_frames(tiny_avatar):
     assert frames_after and not any(f.speaking or f.pcm.any() for f in frames_after)
     finished_after = [x for x in after if isinstance(x, PlaybackFinished)]
     assert finished_after and all(e.interrupted for e in finished_after)
+
+
+def test_the_pacer_hands_frames_on_at_their_time_and_moves_when_late():
+    """Send times: the first frame's arrival plus the slack; then each frame at its pts on that timeline; a frame
+    arriving after its time is sent at once and moves every later one by its lateness (never backwards)."""
+    from avatarforcing.integrations.pacing import Pacer
+
+    p = Pacer(slack_s=0.16)
+    assert p.send_time(0.0, now=10.0) == pytest.approx(10.16)
+    assert p.send_time(0.04, now=10.0) == pytest.approx(10.20)  # a block arrives at once: spread at 40 ms
+    assert p.send_time(0.12, now=10.01) == pytest.approx(10.28)
+    assert p.send_time(0.16, now=10.40) == pytest.approx(10.40)  # 80 ms late: now, and the timeline moves
+    assert p.send_time(0.20, now=10.40) == pytest.approx(10.44)  # the next one 40 ms after it, not at 10.36
+    assert p.send_time(0.24, now=10.30) == pytest.approx(10.48)  # early again: still on the moved timeline
+    assert p.shift == pytest.approx(0.08)

@@ -24,6 +24,8 @@ the generator makes a block of frames at a time (160 ms for ``mini``), so give i
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 try:
@@ -34,8 +36,10 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 
 from ..live import LiveFrame, PlaybackFinished
 from .driver import LiveDriver, float_to_s16, s16_to_float
+from .pacing import Pacer
 
 QUEUE_MS = 400  # the synchronizer's video queue: two blocks of 160 ms and some
+MAX_AHEAD_S = 2.0  # frames made but held back by the pacing: at most this much (it holds one block normally)
 
 
 def avatar_options(avatar) -> AvatarOptions:
@@ -51,6 +55,10 @@ class AvatarForcingVideoGenerator(VideoGenerator):
     def __init__(self, avatar, image, *, seed: int = 0, prompt: str | None = None):
         self._driver = LiveDriver(avatar, image, seed=seed, prompt=prompt)
         self._rate = avatar.cfg.codec.sample_rate
+        c = avatar.cfg.codec
+        block = avatar.cfg.stream.block_frames * c.temporal_stride  # frames a model step makes at once
+        self._pacer = Pacer(slack_s=block / c.fps)  # one block
+        self._max_ahead = MAX_AHEAD_S * c.fps  # frames made and not handed on (more: the runner stalled)
 
     async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
         if isinstance(frame, AudioSegmentEnd):
@@ -69,12 +77,26 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         return self._frames()
 
     async def _frames(self):
-        async for item in self._driver.run():
-            if isinstance(item, LiveFrame):
-                asked = self._driver.interrupts
-                h, w = item.image.shape[:2]
-                yield rtc.VideoFrame(w, h, rtc.VideoBufferType.RGB24, np.ascontiguousarray(item.image).tobytes())
-                if item.speaking and self._driver.interrupts == asked:  # (not if clear_buffer came meanwhile)
-                    yield rtc.AudioFrame(float_to_s16(item.pcm), self._rate, 1, len(item.pcm))
-            elif isinstance(item, PlaybackFinished) and not item.interrupted:
-                yield AudioSegmentEnd()
+        made: asyncio.Queue = asyncio.Queue(maxsize=self._max_ahead)
+
+        async def make():  # the session's clock runs on, whatever the pacing holds back
+            async for item in self._driver.run():
+                await made.put((item, self._driver.interrupts))
+            await made.put((None, 0))
+
+        maker = asyncio.ensure_future(make())
+        try:
+            while True:
+                item, asked = await made.get()
+                if item is None:
+                    return
+                if isinstance(item, LiveFrame):
+                    await self._pacer.wait(item.pts)  # each frame at its time: the runner's queues stay shallow
+                    h, w = item.image.shape[:2]
+                    yield rtc.VideoFrame(w, h, rtc.VideoBufferType.RGB24, np.ascontiguousarray(item.image).tobytes())
+                    if item.speaking and self._driver.interrupts == asked:  # (no clear_buffer since it was made)
+                        yield rtc.AudioFrame(float_to_s16(item.pcm), self._rate, 1, len(item.pcm))
+                elif isinstance(item, PlaybackFinished) and not item.interrupted and self._driver.interrupts == asked:
+                    yield AudioSegmentEnd()
+        finally:
+            maker.cancel()
