@@ -268,3 +268,23 @@ def test_livekits_own_runner_plays_each_frames_voice_as_its_image_is_captured(av
     offsets = _runner_offsets(avatar, 3.0)
     assert len(offsets) >= 3.0 * 25 - 2
     assert np.percentile(np.abs(offsets), 90) <= 20, np.round(offsets)
+
+
+def test_a_failing_session_ends_the_iteration_with_its_error(avatar):
+    """The frames are made in a task of their own (so the pacing never holds the session's clock back): an error
+    there reaches whoever iterates the generator (the runner logs it), instead of leaving it waiting for ever."""
+    gen = AvatarForcingVideoGenerator(avatar, np.full((64, 64, 3), 128, np.uint8))
+
+    async def broken():
+        await asyncio.sleep(0.1)
+        raise RuntimeError("the model failed")
+        yield  # (an async generator, like LiveDriver.run)
+
+    gen._driver.run = broken
+
+    async def main():
+        async for _ in gen:
+            pass
+
+    with pytest.raises(RuntimeError, match="the model failed"):
+        asyncio.run(asyncio.wait_for(main(), timeout=10))

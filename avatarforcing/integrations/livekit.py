@@ -80,8 +80,12 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         made: asyncio.Queue = asyncio.Queue(maxsize=self._max_ahead)
 
         async def make():  # the session's clock runs on, whatever the pacing holds back
-            async for item in self._driver.run():
-                await made.put((item, self._driver.interrupts))
+            try:
+                async for item in self._driver.run():
+                    await made.put((item, self._driver.interrupts))
+            except Exception as e:  # noqa: BLE001 - raised to the runner by the iterator below
+                await made.put((e, 0))
+                return
             await made.put((None, 0))
 
         maker = asyncio.ensure_future(make())
@@ -90,6 +94,8 @@ class AvatarForcingVideoGenerator(VideoGenerator):
                 item, asked = await made.get()
                 if item is None:
                     return
+                if isinstance(item, Exception):
+                    raise item
                 if isinstance(item, LiveFrame):
                     await self._pacer.wait(item.pts)  # each frame at its time: the runner's queues stay shallow
                     h, w = item.image.shape[:2]
