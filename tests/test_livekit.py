@@ -17,6 +17,7 @@ from livekit.agents.voice.avatar import AudioSegmentEnd  # noqa: E402
 
 from avatarforcing.integrations.driver import float_to_s16, s16_to_float  # noqa: E402
 from avatarforcing.integrations.livekit import AvatarForcingVideoGenerator, avatar_options  # noqa: E402
+from avatarforcing.integrations.livekit_sync import StandInRoom, runner_offsets  # noqa: E402
 
 from .conftest import tts_chunks  # noqa: E402
 
@@ -119,27 +120,6 @@ def test_a_real_room_receives_the_avatar(avatar):  # pragma: no cover - needs a 
     assert rtc.TrackKind.KIND_VIDEO in kinds
 
 
-class _Publication:
-    async def wait_for_subscription(self):
-        pass
-
-
-class _Participant:
-    async def publish_track(self, track, options):
-        return _Publication()
-
-
-class _Room(rtc.EventEmitter):
-    """What AvatarRunner uses of a room (no LiveKit server can run here): connected, tracks publish at once."""
-
-    def __init__(self):
-        super().__init__()
-        self.local_participant = _Participant()
-
-    def isconnected(self):
-        return True
-
-
 def test_livekits_own_runner_reports_each_playback_once_and_exactly(avatar):
     """LiveKit's AvatarRunner and QueueAudioOutput (the agent's audio tail) around the generator, as an agent host
     runs them: an utterance played out, one interrupted by clear_buffer, one more. Each playback starts once and
@@ -168,7 +148,7 @@ def test_livekits_own_runner_reports_each_playback_once_and_exactly(avatar):
             return frames, finished
 
         gen._driver._tick = slow_tick
-        runner = AvatarRunner(_Room(), audio_recv=audio, video_gen=gen, options=avatar_options(avatar),
+        runner = AvatarRunner(StandInRoom(), audio_recv=audio, video_gen=gen, options=avatar_options(avatar),
                               _queue_size_ms=QUEUE_MS)
         push = runner.av_sync.push
 
@@ -216,56 +196,13 @@ def test_livekits_own_runner_reports_each_playback_once_and_exactly(avatar):
     assert "VideoFrame" in between and "AudioFrame" not in between  # listening, none of the dropped speech
 
 
-def _runner_offsets(avatar, seconds):
-    """Through LiveKit's AvatarRunner (stand-in room): per frame of speech, when the runner's video source captured
-    its image minus when its voice starts playing from the runner's audio source (the audio queued ahead of it
-    when it was queued), in ms. This is where LiveKit timestamps both tracks."""
-    from livekit.agents.voice.avatar import AvatarRunner, QueueAudioOutput
-
-    from avatarforcing.integrations.livekit import QUEUE_MS
-
-    captured, voice, last_video = {}, [], []
-
-    async def main():
-        audio = QueueAudioOutput(sample_rate=avatar.cfg.codec.sample_rate)
-        gen = AvatarForcingVideoGenerator(avatar, np.full((64, 64, 3), 128, np.uint8), seed=2)
-        runner = AvatarRunner(_Room(), audio_recv=audio, video_gen=gen, options=avatar_options(avatar),
-                              _queue_size_ms=QUEUE_MS)
-        video_source, audio_source, push = runner._video_source, runner._audio_source, runner.av_sync.push
-        capture = video_source.capture_frame
-
-        def recording_capture(frame, *args, **kwargs):
-            captured[id(frame)] = time.monotonic()
-            return capture(frame, *args, **kwargs)
-
-        async def recording_push(frame, *args):
-            await push(frame, *args)
-            if isinstance(frame, rtc.VideoFrame):
-                last_video[:] = [frame]  # kept alive: its id stays its own
-            else:
-                voice.append((last_video[0], time.monotonic() + audio_source.queued_duration - frame.duration))
-
-        video_source.capture_frame, runner.av_sync.push = recording_capture, recording_push
-        await runner.start()
-        try:
-            await asyncio.sleep(0.5)
-            for f in _frames(seconds):
-                await audio.capture_frame(f)
-            audio.flush()
-            await asyncio.sleep(seconds + 1.5)
-        finally:
-            await runner.aclose()
-
-    asyncio.run(main())
-    return [1000 * (captured[id(v)] - t) for v, t in voice if id(v) in captured]
-
-
 def test_livekits_own_runner_plays_each_frames_voice_as_its_image_is_captured(avatar):
     """LiveKit's AVSynchronizer plays audio as soon as it is queued and captures video on its own frame-rate grid:
     a block of frames handed on at once (as the session makes them) left the two queues to drift apart (measured
     on mini: from 439 ms late to 246 ms early in one 20 s utterance). Paced (integrations/pacing.py), each frame's
     image is captured as its voice starts."""
-    offsets = _runner_offsets(avatar, 3.0)
+    rows = asyncio.run(runner_offsets(avatar, np.full((64, 64, 3), 128, np.uint8), 3.0, seed=2))
+    offsets = np.array([o for _, o in rows])
     assert len(offsets) >= 3.0 * 25 - 2
     assert np.percentile(np.abs(offsets), 90) <= 20, np.round(offsets)
 

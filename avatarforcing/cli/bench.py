@@ -13,8 +13,10 @@ def add(sub) -> None:
                        description="speed: the streaming engine (DiT + VAE) per step; codec: VAE decode rate; "
                                    "serve: load test of the server on 127.0.0.1 with real-time clients; "
                                    "audio-rows: streaming wav2vec2 rows against whole-clip rows; live: the live "
-                                   "avatar as a voice agent uses it (latencies, interrupt, A/V offset, a soak).")
-    b.add_argument("what", choices=["speed", "codec", "serve", "audio-rows", "live"])
+                                   "avatar as a voice agent uses it (latencies, interrupt, A/V offset, a soak); "
+                                   "livekit-sync: A/V offset inside LiveKit's own AvatarRunner, paced and not "
+                                   "(needs the livekit extra).")
+    b.add_argument("what", choices=["speed", "codec", "serve", "audio-rows", "live", "livekit-sync"])
     b.add_argument("--model", default="mini", help="mini or wan-1.3b (bench live: any model folder)")
     b.add_argument("--frames", type=int, default=1000)
     b.add_argument("--modes", default="avatarforcing,ar", help="comma-separated samplers to compare")
@@ -26,7 +28,8 @@ def add(sub) -> None:
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     b.add_argument("--json", help="write the JSON result here")
     b.add_argument("--sessions", default="1,2,4", help="bench serve: concurrent sessions to try, in turn")
-    b.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds of audio per session")
+    b.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds of audio per session; bench "
+                                                               "livekit-sync: length of the utterance")
     b.add_argument("--ray", action="store_true", help="bench serve: also the same sweep against serve --ray")
     b.add_argument("--neighbours", action="store_true", help="bench serve: also one real-time stream alone and "
                                                              "beside floods of /speak and /prepare")
@@ -50,6 +53,14 @@ def run(args) -> int:
 
     from ..eval.bench import run_codec, speed_main
 
+    if args.what == "livekit-sync":
+        try:
+            from ..integrations.livekit_sync import bench_livekit_sync
+        except ImportError as e:
+            raise AvatarForcingError("bench livekit-sync needs the livekit extra: pip install "
+                                     f"'avatarforcing[livekit]' ({e})") from None
+        bench_livekit_sync(args.model, args.seconds, args.json)
+        return 0
     if args.what == "live":
         from ..eval.live_bench import bench_live
 

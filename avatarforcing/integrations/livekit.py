@@ -52,8 +52,11 @@ def avatar_options(avatar) -> AvatarOptions:
 class AvatarForcingVideoGenerator(VideoGenerator):
     """One live session on this host behind LiveKit's VideoGenerator interface."""
 
-    def __init__(self, avatar, image, *, seed: int = 0, prompt: str | None = None):
+    def __init__(self, avatar, image, *, seed: int = 0, prompt: str | None = None, paced: bool = True):
+        """``paced``: each frame handed on at its own time (pacing.py); False: as the session makes them, a block
+        at once (the runner's audio and video queues then drift apart; ``bench livekit-sync`` compares them)."""
         self._driver = LiveDriver(avatar, image, seed=seed, prompt=prompt)
+        self._paced = paced
         self._rate = avatar.cfg.codec.sample_rate
         c = avatar.cfg.codec
         block = avatar.cfg.stream.block_frames * c.temporal_stride  # frames a model step makes at once
@@ -97,7 +100,8 @@ class AvatarForcingVideoGenerator(VideoGenerator):
                 if isinstance(item, Exception):
                     raise item
                 if isinstance(item, LiveFrame):
-                    await self._pacer.wait(item.pts)  # each frame at its time: the runner's queues stay shallow
+                    if self._paced:  # each frame at its time: the runner's queues stay shallow
+                        await self._pacer.wait(item.pts)
                     h, w = item.image.shape[:2]
                     yield rtc.VideoFrame(w, h, rtc.VideoBufferType.RGB24, np.ascontiguousarray(item.image).tobytes())
                     if item.speaking and self._driver.interrupts == asked:  # (no clear_buffer since it was made)
