@@ -204,7 +204,10 @@ def test_livekits_own_runner_plays_each_frames_voice_as_its_image_is_captured(av
     rows = asyncio.run(runner_offsets(avatar, np.full((64, 64, 3), 128, np.uint8), 3.0, seed=2))
     offsets = np.array([o for _, o in rows])
     assert len(offsets) >= 3.0 * 25 - 2
-    assert np.percentile(np.abs(offsets), 90) <= 20, np.round(offsets)
+    # within the 40 ms target, and steady: what is left is when the runner's frame-rate grid took its first frame
+    # (its phase, ~1 ms here, ~22 ms beside two busy loops); as made, 58-85 ms and moving
+    assert abs(np.median(offsets)) <= 40 and np.percentile(offsets, 95) - np.percentile(offsets, 5) <= 25, \
+        np.round(offsets)
 
 
 def test_a_failing_session_ends_the_iteration_with_its_error(avatar):
