@@ -228,3 +228,14 @@ def test_a_failing_session_ends_the_iteration_with_its_error(avatar):
 
     with pytest.raises(RuntimeError, match="the model failed"):
         asyncio.run(asyncio.wait_for(main(), timeout=10))
+
+
+def test_bench_livekit_sync_flags_reach_it(monkeypatch, tmp_path):
+    import avatarforcing.integrations.livekit_sync as sync
+    from avatarforcing.cli import main
+
+    got = {}
+    monkeypatch.setattr(sync, "bench_livekit_sync", lambda model, seconds, json_path: got.update(
+        model=model, seconds=seconds, json=json_path))
+    assert main(["bench", "livekit-sync", "--model", "mini", "--seconds", "3", "--json", str(tmp_path / "o.json")]) == 0
+    assert got == {"model": "mini", "seconds": 3.0, "json": str(tmp_path / "o.json")}
