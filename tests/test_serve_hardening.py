@@ -124,7 +124,9 @@ def test_client_that_stops_reading_loses_its_slot(avatar):
         return took, sent
 
     took, sent = asyncio.run(both())
-    assert took < 4
+    # ended by the send timeout, not by the 8 s guard above (a hang); the rest of it is this machine's speed (a
+    # clean clone on a busy moment here took 4.3 s: 2-3 s usually)
+    assert took < 7
     texts = [json.loads(m["text"]) for m in sent if m.get("text")]
     assert texts[0]["type"] == "ready" and texts[-1] == {"type": "done", "frames": 50}
 
