@@ -61,7 +61,7 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         c = avatar.cfg.codec
         block = avatar.cfg.stream.block_frames * c.temporal_stride  # frames a model step makes at once
         self._pacer = Pacer(slack_s=block / c.fps)  # one block
-        self._max_ahead = MAX_AHEAD_S * c.fps  # frames made and not handed on (more: the runner stalled)
+        self._max_ahead = round(MAX_AHEAD_S * c.fps)  # frames made and not handed on (more: the runner stalled)
 
     async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
         if isinstance(frame, AudioSegmentEnd):
