@@ -57,8 +57,8 @@ class AvatarForcingVideoGenerator(VideoGenerator):
         at once (the runner's audio and video queues then drift apart; ``bench livekit-sync`` compares them)."""
         self._driver = LiveDriver(avatar, image, seed=seed, prompt=prompt)
         self._paced = paced
-        self._rate = avatar.cfg.codec.sample_rate
         c = avatar.cfg.codec
+        self._rate = c.sample_rate
         block = avatar.cfg.stream.block_frames * c.temporal_stride  # frames a model step makes at once
         self._pacer = Pacer(slack_s=block / c.fps)  # one block
         self._max_ahead = round(MAX_AHEAD_S * c.fps)  # frames made and not handed on (more: the runner stalled)

@@ -60,28 +60,35 @@ class Workers:
         self.starting = asyncio.Lock()
 
     async def run(self, fn, *args):
+        used = []  # the pool this job went to
+
+        async def job():
+            used.append(await self._pool())
+            return await asyncio.get_running_loop().run_in_executor(used[0], fn, *args)
+
         try:
-            return await asyncio.wait_for(self._run(fn, *args), self.timeout_s)
+            return await asyncio.wait_for(job(), self.timeout_s)
         except TimeoutError:
-            self.kill()
+            self.kill(used[0] if used else self.pool)
             raise ClientError("unavailable", f"the job did not finish within {self.timeout_s:g} s: the server's "
                                              "CPU is taken by its streams; retry later") from None
         except BrokenProcessPool:  # the worker died under this job or another one (killed, out of memory)
-            self.kill()
+            self.kill(used[0])
             raise ClientError("unavailable", "the server's worker process ended; retry later") from None
 
-    async def _run(self, fn, *args):
-        loop = asyncio.get_running_loop()
+    async def _pool(self) -> ProcessPoolExecutor:
         async with self.starting:
             if self.pool is None:
                 self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_worker_start, initargs=(os.getpid(),))
-                self.pid = await loop.run_in_executor(self.pool, os.getpid)
-            pool = self.pool
-        return await loop.run_in_executor(pool, fn, *args)
+                self.pid = await asyncio.get_running_loop().run_in_executor(self.pool, os.getpid)
+            return self.pool
 
-    def kill(self) -> None:
-        """End the worker now, whatever it is doing (its jobs fail with BrokenProcessPool)."""
+    def kill(self, pool: ProcessPoolExecutor | None) -> None:
+        """End ``pool``'s worker now, whatever it is doing (its jobs fail with BrokenProcessPool); nothing if it
+        was already replaced (a job queued behind a killed one must not kill the fresh worker)."""
+        if pool is None or pool is not self.pool:
+            return
         if self.pid is not None:
             try:
                 os.kill(self.pid, signal.SIGKILL)
